@@ -1,0 +1,3 @@
+from ffchat.cli import main
+
+main()

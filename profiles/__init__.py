@@ -1,0 +1,1 @@
+"""Per-GPU tuning profiles shipped as YAML package data."""

@@ -1,0 +1,1 @@
+"""INT4 weight quantization: packing layout, methods and the artifact format."""
