@@ -13,10 +13,12 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from ffchat import __version__
-from ffchat.errors import FfchatError, NotYetImplemented
+from ffchat import DEFAULT_MODEL, __version__
+from ffchat.describe import human_size
+from ffchat.errors import FfchatError
 from ffchat.store import Store
 
 app = typer.Typer(
@@ -46,27 +48,22 @@ def _main(
     _debug = debug
 
 
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    raise AssertionError("unreachable")
-
-
 @app.command()
 def pull(
     model: str = typer.Argument(..., help="A Hub repo id (org/name), a local Hugging Face folder, or a .gguf file."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit on the Hub."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch, tag or commit on the Hub (default: main)."),
     token: Optional[str] = typer.Option(None, "--token", help="Hugging Face token for gated or private repos (default: HF_TOKEN or the saved login)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Name to store a local import under."),
+    name: Optional[str] = typer.Option(None, "--name", help="Name to store the model under (default: the repo id, or the folder or file name)."),
 ) -> None:
-    """Download a model from the Hugging Face Hub, or import a local folder or GGUF file."""
+    """Download a model from the Hugging Face Hub, or import a local folder or GGUF file.
+
+    Hub downloads go to the shared Hugging Face cache (HF_HOME); run the same
+    command again to resume an interrupted one. Local imports are not copied.
+    """
     from ffchat.pull import pull_model
 
     record = pull_model(Store(), model, revision=revision, token=token, name=name, console=err)
-    err.print(f"pulled [bold]{record.name}[/] ({human_size(record.size)})")
+    err.print(f"pulled [bold]{escape(record.name)}[/] ({human_size(record.size)})")
 
 
 @app.command("list")
@@ -82,9 +79,9 @@ def list_models() -> None:
     for column in ("NAME", "SOURCE", "SIZE", "QUANTIZED"):
         table.add_column(column)
     for record in records:
-        source = record.repo_id or record.location
-        table.add_row(record.name, f"{record.source}: {source}", human_size(record.size), quantization_label(record))
-    Console(highlight=False, soft_wrap=True).print(table)
+        source = f"{record.source}: {record.repo_id or record.location}"
+        table.add_row(escape(record.name), escape(source), human_size(record.size), escape(quantization_label(record)))
+    _stdout().print(table)
 
 
 @app.command()
@@ -97,8 +94,13 @@ def show(model: str = typer.Argument(..., help="Model name (see `ffchat list`)."
     table.add_column(style="bold")
     table.add_column()
     for key, value in describe(record):
-        table.add_row(key, value)
-    Console(highlight=False, soft_wrap=True).print(table)
+        table.add_row(key, escape(value))
+    _stdout().print(table)
+
+
+def _stdout() -> Console:
+    """Where tables go: the terminal's width, or unwrapped lines when piped (for grep and scripts)."""
+    return Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 10_000)
 
 
 @app.command()
@@ -107,46 +109,141 @@ def rm(
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
     purge: bool = typer.Option(False, "--purge", help="Also delete the downloaded files from the shared Hugging Face cache."),
 ) -> None:
-    """Remove a model from ffchat's store (and with --purge, its Hugging Face cache files)."""
+    """Remove a model from ffchat's store (with --purge, also its files in the Hugging Face cache)."""
     from ffchat.pull import purge_hub_cache
 
     store = Store()
     record = store.get(model)
-    what = f"{record.name}" + (" and its files in the Hugging Face cache" if purge and record.source == "hub" else "")
+    purge_cache = purge and record.source == "hub"
+    what = record.name + (" and its files in the Hugging Face cache" if purge_cache else "")
     if not yes:
         if not sys.stdin.isatty():
             raise FfchatError(f"not removing {record.name} without confirmation", hint="pass --yes")
         if not typer.confirm(f"Remove {what}?", default=False, err=True):
+            err.print("nothing removed")
             raise typer.Exit(1)
-    if purge and record.source == "hub":
-        purge_hub_cache(record)
+    if purge_cache:
+        sharing = [r.name for r in store.list() if r.commit == record.commit and r.record_dir != record.record_dir]
+        if sharing:
+            what = record.name
+            err.print(f"keeping the Hugging Face cache files: {escape(', '.join(sharing))} uses them too")
+        elif not purge_hub_cache(record):
+            err.print("the Hugging Face cache had no files for it")
+    elif purge:
+        err.print(f"nothing to purge: {escape(record.name)} is a {record.source} import, not a Hub download")
     store.remove(record)
-    err.print(f"removed {what}")
+    err.print(f"removed {escape(what)}")
 
 
 @app.command()
-def quantize(model: str = typer.Argument(..., help="Model name (see `ffchat list`).")) -> None:
-    """Quantize a model's weights to INT4 once, offline."""
-    raise NotYetImplemented("`ffchat quantize` is not available yet")
+def quantize(
+    model: str = typer.Argument(..., help="Model name (see `ffchat list`)."),
+    method: str = typer.Option("hqq", "--method", help="hqq (optimised scales and zeros, no calibration data) or rtn (round to nearest)."),
+    group_size: int = typer.Option(128, "--group-size", help="Weights per scale/zero; falls back to 64, 32... where a dimension is not a multiple."),
+    keep_head_fp16: bool = typer.Option(False, "--keep-head-fp16", help="Leave the LM head unquantized."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the GPU when there is one)."),
+) -> None:
+    """Quantize a model's weights to INT4 once, offline; `ffchat run` then uses them."""
+    from ffchat.int4 import artifact_dir, quantize_model
+    from ffchat.quantize.methods import get_method
+
+    get_method(method)
+    record = Store().get(model)
+    manifest = quantize_model(
+        record, method=method, group_size=group_size, keep_head_fp16=keep_head_fp16, console=err, device=device
+    )
+    size = sum(f.stat().st_size for f in artifact_dir(record).iterdir())
+    err.print(
+        f"quantized {escape(record.name)} with {method} (group size {group_size}, "
+        f"{len(manifest['int4_tensors'])} INT4 tensors, LM head {manifest['lm_head']}) "
+        f"in {manifest['seconds']:.1f} s: {human_size(size)}"
+    )
 
 
 @app.command()
-def run(model: str = typer.Argument("HuggingFaceTB/SmolLM2-135M-Instruct", help="Model name or Hub repo id.")) -> None:
+def ppl(
+    model: str = typer.Argument(..., help="Model name (see `ffchat list`)."),
+    file: Path = typer.Option(..., "--file", help="Text file to score (UTF-8)."),
+    int4: bool = typer.Option(False, "--int4", help="Score the INT4 weights (the default when the model has them)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Score the original weights."),
+    window: int = typer.Option(1024, "--window", help="Tokens per window (capped at the model's context)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between window starts (default: half the window)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
+) -> None:
+    """Perplexity of a model over a text file, to show what quantization costs."""
+    from ffchat.scoring import score_file
+
+    if int4 and fp16:
+        raise FfchatError("choose one of --int4 and --fp16")
+    value = score_file(Store().get(model), file, int4=None if not (int4 or fp16) else int4, window=window,
+                       stride=stride, device=device, dtype=dtype, console=err)
+    print(f"perplexity {value:.3f}")
+
+
+@app.command()
+def run(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Model name (see `ffchat list`) or Hub repo id; pulled on first use."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer this one message and exit."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    each_line: bool = typer.Option(False, "--each-line", help="Piped: answer every input line as its own message."),
+    as_json: bool = typer.Option(False, "--json", help="Piped: one JSON object per answer (text, token counts, timing)."),
+    raw: bool = typer.Option(False, "--raw", help="No chat template: plain text completion."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing after each answer (stderr)."),
+    backend: str = typer.Option("auto", "--backend", help="auto or reference."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is a GPU)."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
+    fp16: bool = typer.Option(False, "--fp16", help="Use the original weights even when INT4 weights exist."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens (default: the model's, capped to fit memory)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 for greedy decoding."),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    min_p: Optional[float] = typer.Option(None, "--min-p"),
+    repeat_penalty: Optional[float] = typer.Option(None, "--repeat-penalty"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", "-n", help="Stop after this many new tokens."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+) -> None:
     """Chat with a model: interactive in a terminal, one answer per input when piped."""
-    raise NotYetImplemented("`ffchat run` is not available yet")
+    from ffchat.launch import ChatOptions, launch_chat
+
+    options = ChatOptions(
+        prompt=prompt, system=system, each_line=each_line, as_json=as_json, raw=raw, verbose=verbose,
+        backend=backend, device=device, dtype=dtype, fp16=fp16, ctx=ctx, stop=stop,
+        sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                      repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens),
+    )
+    launch_chat(Store(), model, options, err)
 
 
 def main() -> None:
-    """Console entry point: run the app and turn user errors into one line."""
+    """Console entry point: run the app and turn user errors and Ctrl+C into one line."""
     try:
         app()
     except FfchatError as exc:
         if _debug:
             raise
-        err.print(f"[red]error:[/] {exc}", markup=True, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(_one_line(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        if _debug:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        interrupt = _interrupt_behind(exc)
+        if interrupt is None:
             raise
-        err.print("interrupted")
+        if _debug:
+            raise interrupt
+        err.print("interrupted" + (f": {escape(_one_line(interrupt))}" if str(interrupt) else ""), soft_wrap=True)
         sys.exit(130)
+
+
+def _interrupt_behind(exc: BaseException | None) -> KeyboardInterrupt | None:
+    """The Ctrl+C itself, or the one behind an exit with status 130: typer turns a Ctrl+C in a command into that."""
+    if isinstance(exc, SystemExit) and exc.code != 130:
+        return None
+    while exc is not None and not isinstance(exc, KeyboardInterrupt):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _one_line(exc: BaseException) -> str:
+    """An error message on one line, whatever the exception carried."""
+    return " ".join(str(exc).split())

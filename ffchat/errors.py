@@ -21,8 +21,3 @@ class FfchatError(Exception):
         message = super().__str__()
         return f"{message} ({self.hint})" if self.hint else message
 
-
-class NotYetImplemented(FfchatError):
-    """A command whose capability has not landed yet (exit code 2)."""
-
-    exit_code = 2

@@ -1,0 +1,86 @@
+"""What `ffchat show` and `ffchat list` say about a stored model.
+
+Everything shown is read from the record and the model's own files, so `show`
+works offline and without loading any weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from ffchat.config import ModelConfig
+from ffchat.store import ModelRecord
+
+
+def describe(record: ModelRecord) -> list[tuple[str, str]]:
+    """(label, value) rows for `ffchat show`."""
+    config = ModelConfig.from_file(record.model_dir / "config.json")
+    return [
+        ("name", record.name),
+        ("source", _source(record)),
+        ("architecture", f"{config.model_type} ({config.family})"),
+        ("parameters", human_count(config.num_parameters)),
+        ("context length", f"{config.max_position_embeddings:,}"),
+        ("layers", str(config.num_layers)),
+        ("hidden size", f"{config.hidden_size:,}"),
+        ("heads", f"{config.num_heads} query / {config.num_kv_heads} key-value, head_dim {config.head_dim}"),
+        ("vocab", f"{config.vocab_size:,}"),
+        ("tied embeddings", _yes_no(config.tie_word_embeddings)),
+        ("chat template", _yes_no(has_chat_template(record))),
+        ("quantization", quantization_label(record)),
+        ("weights", f"{record.weights_format}, {human_size(record.size)} in all"),
+        ("files", "\n".join(f"{f.name}  {human_size(f.size)}" for f in record.files)),
+    ]
+
+
+def quantization_label(record: ModelRecord) -> str:
+    """"no", or the INT4 artifact's method and group size (e.g. "int4 hqq g128")."""
+    manifest = record.record_dir / "int4" / "manifest.yaml" if record.record_dir else None
+    if manifest is None or not manifest.is_file():
+        return "no"
+    try:
+        data = yaml.safe_load(manifest.read_text())
+        return f"int4 {data['method']} g{data['group_size']}"
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return "int4 (unreadable manifest)"
+
+
+def has_chat_template(record: ModelRecord) -> bool:
+    """A chat template in tokenizer_config.json or in chat_template.jinja (newer transformers write that)."""
+    if (record.model_dir / "chat_template.jinja").is_file():
+        return True
+    try:
+        return bool(json.loads((record.model_dir / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def human_count(n: int) -> str:
+    """A parameter count the way model cards say it: 134.5M, 8.0B."""
+    for unit, scale in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return str(n)
+
+
+def _source(record: ModelRecord) -> str:
+    if record.source == "hub":
+        pinned = f" ({record.revision})" if record.revision and record.revision != record.commit else ""
+        return f"{record.repo_id}@{record.commit}{pinned}"
+    return f"{'GGUF' if record.source == 'gguf' else 'folder'} {record.location}"
+
+
+def _yes_no(value: bool) -> str:
+    return "yes" if value else "no"
+
+
+def human_size(n: int) -> str:
+    """Bytes in decimal units, as download tools show them."""
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"

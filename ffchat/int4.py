@@ -1,0 +1,95 @@
+"""A stored model's INT4 artifact: make it once, find it, and trust it only if it still fits.
+
+The artifact lives in the model's store directory under ``int4/``. Its
+manifest names the source it was made from; a run refuses an artifact whose
+source changed (new Hub commit, edited file) or whose layout this ffchat does
+not read, rather than chat with weights that belong to something else.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from ffchat.errors import FfchatError
+from ffchat.quantize.artifact import (
+    describe_source,
+    dequantize_state_dict,
+    int4_targets,
+    quantize_state_dict,
+    read_artifact,
+    write_artifact,
+)
+from ffchat.store import ModelRecord
+from ffchat.weights import load_state_dict
+
+ARTIFACT_DIR = "int4"
+
+
+def artifact_dir(record: ModelRecord) -> Path:
+    assert record.record_dir is not None
+    return record.record_dir / ARTIFACT_DIR
+
+
+def has_int4(record: ModelRecord) -> bool:
+    return (artifact_dir(record) / "manifest.yaml").is_file()
+
+
+def file_fingerprint(record: ModelRecord) -> dict[str, list[int]]:
+    """Size and modification time of each weight file: a cheap check before hashing."""
+    files = [Path(record.location)] if record.source == "gguf" else [Path(record.location) / f.name for f in record.files]
+    return {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in files if path.exists()}
+
+
+def quantize_model(
+    record: ModelRecord,
+    *,
+    method: str,
+    group_size: int,
+    keep_head_fp16: bool,
+    console: Console,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Quantize the record's weights and write the artifact atomically; return its manifest fields."""
+    started = time.perf_counter()
+    state = load_state_dict(record)
+    targets = int4_targets(state, keep_head_fp16=keep_head_fp16)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"quantizing ({method})", total=len(targets))
+        tensors, info = quantize_state_dict(
+            state, method=method, group_size=group_size, keep_head_fp16=keep_head_fp16, device=device,
+            progress=lambda name: progress.update(task, advance=1, description=f"quantizing {name}"),
+        )
+    manifest = {**info, "source": describe_source(record), "fingerprint": file_fingerprint(record)}
+    write_artifact(artifact_dir(record), tensors, manifest)
+    manifest["seconds"] = time.perf_counter() - started
+    return manifest
+
+
+def load_int4_state_dict(record: ModelRecord, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The artifact dequantized to Hugging Face names (for the reference engine), after checking its source."""
+    tensors, manifest = read_artifact(artifact_dir(record))
+    check_source(record, manifest)
+    return dequantize_state_dict(tensors, manifest, dtype=dtype), manifest
+
+
+def check_source(record: ModelRecord, manifest: dict[str, Any]) -> None:
+    """Refuse an artifact made from other weights than the record's."""
+    source = manifest.get("source") or {}
+    if record.repo_id and record.commit:
+        matches = source == {"repo": record.repo_id, "commit": record.commit}
+    elif manifest.get("fingerprint") == file_fingerprint(record):
+        matches = True
+    else:  # touched or copied files: only the content decides
+        matches = source == describe_source(record)
+    if not matches:
+        raise FfchatError(
+            f"the INT4 weights of {record.name} were made from a different version of the model",
+            hint=f"re-quantize with `ffchat quantize {record.name}`, or run with --fp16",
+        )

@@ -1,0 +1,55 @@
+"""The reference backend: ffchat.model.Transformer behind the Backend protocol.
+
+Slow but exact to Hugging Face; every other backend is checked against it,
+and it runs anywhere torch does.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ffchat.errors import FfchatError
+from ffchat.model import Transformer
+
+
+class ReferenceBackend:
+    """One conversation's KV cache on the reference model (see ffchat.backend.Backend)."""
+
+    def __init__(self, model: Transformer, name: str = "reference"):
+        self.model = model
+        self.name = name
+        self.config = model.config
+        self.context_length = model.max_seq_len
+        self.device = model.device
+        self.position = 0
+
+    def prefill(self, tokens: Sequence[int]) -> torch.Tensor:
+        if len(tokens) == 0:
+            raise FfchatError("the prompt is empty")
+        free = self.context_length - self.position
+        if len(tokens) > free:
+            raise FfchatError(
+                f"the prompt ({len(tokens)} tokens) does not fit in the {free} tokens left "
+                f"of the {self.context_length}-token context",
+                hint="start a new conversation or raise the context length",
+            )
+        return self._run(tokens)
+
+    def decode(self, token: int) -> torch.Tensor:
+        if self.position >= self.context_length:
+            raise FfchatError(f"the {self.context_length}-token context is full",
+                              hint="start a new conversation or raise the context length")
+        return self._run([token])
+
+    def rewind(self, position: int) -> None:
+        if not 0 <= position <= self.position:
+            raise ValueError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
+        self.position = position  # later tokens are overwritten before they are read again
+
+    def _run(self, tokens: Sequence[int]) -> torch.Tensor:
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        logits = self.model.forward(ids, self.position, last_only=True)  # runs under inference_mode
+        self.position += len(tokens)
+        return logits[0].clone()  # a normal tensor: samplers may edit it in place

@@ -1,0 +1,133 @@
+"""Turn a stored model into a ready backend: device, dtype, context size, backend choice.
+
+These are the decisions `ffchat run` (and later `bench` and `ppl`) make before
+the first token, gathered here so every command makes them the same way.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+
+from ffchat.config import ModelConfig
+from ffchat.errors import FfchatError
+from ffchat.store import ModelRecord, Store
+
+BACKENDS = ("auto", "reference")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Share of free memory (after the weights) the KV cache may take by default.
+KV_CACHE_MEMORY_SHARE = 0.5
+
+
+@dataclass
+class RuntimeChoice:
+    device: torch.device
+    dtype: torch.dtype
+    context_length: int
+    backend: str
+
+
+def resolve_model(store: Store, name: str, console: Console) -> ModelRecord:
+    """Find a model in the store, pulling a Hub repo id (org/name) on first use."""
+    record = store.find(name)
+    if record is not None:
+        return record
+    if "/" in name and not os.path.exists(name):
+        from ffchat.pull import pull_model
+
+        console.print(f"{name} is not in the store yet: pulling it")
+        return pull_model(store, name, console=console)
+    raise FfchatError(f"model {name!r} not found", hint=f"run `ffchat pull {name}` first, or see `ffchat list`")
+
+
+def choose_device(requested: str | None, console: Console) -> torch.device:
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise FfchatError(f"--device {requested}: no CUDA GPU is available")
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    console.print("no GPU found: running on the CPU (slower)")
+    return torch.device("cpu")
+
+
+def choose_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+    if requested in (None, "auto"):
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if requested not in DTYPES:
+        raise FfchatError(f"unknown dtype {requested!r}; choose one of: auto, {', '.join(DTYPES)}")
+    return DTYPES[requested]
+
+
+def kv_cache_bytes(config: ModelConfig, tokens: int, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * tokens * element
+
+
+def weight_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    return config.num_parameters * torch.empty((), dtype=dtype).element_size()
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_context(
+    config: ModelConfig, requested: int | None, device: torch.device, dtype: torch.dtype, console: Console
+) -> int:
+    """The model's context (or --ctx), capped so the KV cache fits in memory, with a notice when capped."""
+    limit = config.max_position_embeddings
+    if requested is not None:
+        if requested < 16:
+            raise FfchatError(f"--ctx {requested} is too small (at least 16 tokens)")
+        if requested > limit:
+            raise FfchatError(f"--ctx {requested} exceeds the model's maximum context of {limit} tokens")
+        return requested
+    budget = (free_memory(device) - weight_bytes(config, dtype)) * KV_CACHE_MEMORY_SHARE
+    per_token = kv_cache_bytes(config, 1, dtype)
+    affordable = int(budget // per_token) if budget > 0 else 0
+    if affordable >= limit:
+        return limit
+    capped = max(256, affordable // 256 * 256)
+    console.print(
+        f"context capped at {capped} tokens (model allows {limit}) to fit the KV cache in memory; "
+        "use --ctx to choose"
+    )
+    return capped
+
+
+def choose_backend(requested: str) -> str:
+    if requested not in BACKENDS:
+        raise FfchatError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
+    return "reference"
+
+
+def load_weights(record: ModelRecord, dtype: torch.dtype, *, int4: bool) -> tuple[dict, str]:
+    """The state dict to run (the INT4 artifact dequantized, or the original) and a label for it."""
+    if int4:
+        from ffchat.int4 import load_int4_state_dict
+
+        state, manifest = load_int4_state_dict(record, dtype)
+        return state, f"int4 {manifest['method']} g{manifest['group_size']}"
+    from ffchat.weights import load_state_dict
+
+    return load_state_dict(record, dtype=dtype), str(dtype).removeprefix("torch.")
+
+
+def load_backend(record: ModelRecord, choice: RuntimeChoice, state: dict):
+    """Build the chosen backend over the given weights."""
+    from ffchat.config import ModelConfig
+    from ffchat.model import Transformer
+    from ffchat.reference_backend import ReferenceBackend
+
+    config = ModelConfig.from_file(record.model_dir / "config.json")
+    model = Transformer(config, choice.context_length, dtype=choice.dtype, device=choice.device)
+    model.load_state_dict(state)
+    return ReferenceBackend(model)

@@ -1,0 +1,456 @@
+"""Batch-1 INT4 GEMV: y = W x (+ bias) (+ residual), fp32 accumulation; W4A16 default, W4A8 opt-in.
+
+Reads the version-1 layout of ``ffchat.quantize.layout``: ``qweight`` int32 [N, K // 8]
+(word j of a row holds k = 8j..8j+7, nibble i at bit ``8 * (i % 4) + 4 * (i // 4)``),
+fp16 ``scales`` and ``zeros`` [N, K // G], W ~ (q - z) * s.
+
+Why it looks the way it does (batch-1 decode is memory-bound, so the kernel must keep
+the memory system busy while spending few instructions per weight):
+
+* Each program streams a [BLOCK_N rows, BLOCK_K inputs] tile per iteration as a 2-D
+  [rows, words] block: every thread issues 16-byte weight loads and keeps its rows in
+  registers, so one x value serves several rows. x comes in as one 16-byte load per word
+  and is split into the 8 nibble planes in registers (a 3-D [rows, groups, words] tile
+  made Triton shuffle x through shared memory once per plane: 1.5x the instructions).
+* A nibble becomes a float with a shift and one LOP3: OR-ing it into the top mantissa
+  bits of 1.0 gives ``v = 1 + q/16`` exactly (no int->float conversion). One FMA per
+  weight sums ``v * x``; per group ``sum(q x) = 16 * (sum(v x) - sum(x))`` and the zero
+  point folds into ``s * (16 * T - (16 + z) * X)``, with X = sum(x) shared by all rows.
+* Split-K (optional): every K-slice writes an fp32 partial, the last slice to arrive (per
+  row block, counted with an atomic) sums the partials in slice order and runs the
+  epilogue, so results are deterministic and one launch does everything.
+* W4A8 (``int4_gemv_w4a8``): x quantized to int8 per group, 4 products per ``dp4a``;
+  faster still, at ~6e-3 relative error against fp16 activations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ffchat.quantize.layout import dequantize
+
+# Passed as run-time arguments, not constants: with one operand in the constant bank,
+# ptxas fuses (w & MASK) | ONE into a single LOP3 (two immediates cost two instructions).
+MANTISSA_NIBBLE = 0x00780000  # bits 19..22: the top 4 mantissa bits of an fp32
+ONE_F32 = 0x3F800000  # 1.0f; OR-ing q into MANTISSA_NIBBLE gives 1 + q/16
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Launch parameters: tile of BLOCK_N rows x BLOCK_K inputs per iteration, K split in ``split_k`` slices."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 1
+    split_k: int = 1
+
+
+# Tuning data, keyed by (max N, max K): the first row whose bounds hold is used.
+# Best of a sweep on an H100, 2026-11-22 (benchmarks/NOTES.md): split-K never won on
+# the Llama shapes, so no row uses it; it stays available through ``config``.
+CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
+    (2048, 1 << 30, GemvConfig(block_n=4, block_k=2048, num_warps=4)),
+    (16384, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=4)),
+    (1 << 40, 1 << 30, GemvConfig(block_n=16, block_k=2048, num_warps=4)),
+)
+
+
+# The W4A8 kernel spends fewer instructions per weight, so it wants other tiles.
+# Best of a sweep on an H100, 2026-11-22 (benchmarks/NOTES.md): split-K never won.
+W4A8_CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
+    (1024, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=8)),
+    (2048, 4096, GemvConfig(block_n=8, block_k=2048, num_warps=4)),
+    (2048, 1 << 30, GemvConfig(block_n=4, block_k=2048, num_warps=8)),
+    (16384, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=4)),
+    (1 << 40, 1 << 30, GemvConfig(block_n=16, block_k=1024, num_warps=4)),
+)
+
+
+def pick_config(n: int, k: int, group_size: int, table=CONFIG_TABLE) -> GemvConfig:
+    """The table's config for (N, K), shrunk so a block never exceeds the problem."""
+    cfg = next(c for max_n, max_k, c in table if n <= max_n and k <= max_k)
+    block_k = max(group_size, min(cfg.block_k, triton.next_power_of_2(k)))
+    block_n = min(cfg.block_n, triton.next_power_of_2(n))
+    split_k = max(1, min(cfg.split_k, triton.cdiv(k, block_k)))
+    return GemvConfig(block_n, block_k, cfg.num_warps, cfg.num_stages, split_k)
+
+
+@triton.jit
+def _nibble_plane(w, SHIFT: tl.constexpr, nibble_mask, one):
+    """1 + q/16 as fp32 for the nibble at bit SHIFT of each word (a shift and one LOP3, no conversion)."""
+    if SHIFT <= 19:
+        moved = w << (19 - SHIFT)
+    else:
+        moved = w >> (SHIFT - 19)  # arithmetic shift: the sign bits are masked off below
+    return ((moved & nibble_mask) | one).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _x_planes(x8, COLS: tl.constexpr):
+    """Split x [COLS, 8] (word j's 8 inputs) into 8 vectors [COLS], plane i = x[8j + i], in registers."""
+    even, odd = tl.split(tl.reshape(x8, (COLS, 4, 2)))  # i = 0,2,4,6 and 1,3,5,7
+    x04, x26 = tl.split(tl.reshape(even, (COLS, 2, 2)))
+    x15, x37 = tl.split(tl.reshape(odd, (COLS, 2, 2)))
+    x0, x4 = tl.split(x04)
+    x2, x6 = tl.split(x26)
+    x1, x5 = tl.split(x15)
+    x3, x7 = tl.split(x37)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _epilogue(y, rows, row_ok, bias_ptr, res_ptr, out_ptr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """Add bias and residual in fp32, cast to the output dtype, store."""
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if HAS_RES:
+        y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _finish(y, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+            SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
+    """Epilogue directly, or (split-K) publish this slice's partial and let the last slice to arrive sum them."""
+    if SPLITS > 1:
+        tl.store(part_ptr + tl.program_id(1) * N + rows, y, mask=row_ok)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == SPLITS - 1:
+            total = tl.zeros_like(y)
+            for k_slice in tl.static_range(SPLITS):  # fixed order: deterministic sums
+                total += tl.load(part_ptr + k_slice * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            _epilogue(total, rows, row_ok, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES)
+            tl.atomic_xchg(count_ptr + tl.program_id(0), 0)  # ready for the next launch (and graph replay)
+    else:
+        _epilogue(y, rows, row_ok, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, tile_ok, WORDS: tl.constexpr, EVEN: tl.constexpr):
+    """One tile's packed words [rows, groups, words] (streamed: evict first) and fp32 scales/zeros [rows, groups]."""
+    if EVEN:
+        w = tl.load(w_ptr + w_offs + g0 * WORDS, eviction_policy="evict_first")
+        s = tl.load(s_ptr + sz_offs + g0)
+        z = tl.load(z_ptr + sz_offs + g0)
+    else:
+        w = tl.load(w_ptr + w_offs + g0 * WORDS, mask=tile_ok[:, :, None], other=0, eviction_policy="evict_first")
+        s = tl.load(s_ptr + sz_offs + g0, mask=tile_ok, other=0.0)
+        z = tl.load(z_ptr + sz_offs + g0, mask=tile_ok, other=0.0)
+    return w, s.to(tl.float32), z.to(tl.float32)
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
+    N, K, nibble_mask, one,
+    CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+):
+    GROUPS: tl.constexpr = BLOCK_K // G  # groups per tile
+    WORDS: tl.constexpr = G // 8  # int32 words per group
+    COLS: tl.constexpr = BLOCK_K // 8  # words per tile row
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    col = tl.arange(0, COLS)
+    grp = tl.arange(0, GROUPS)
+    words_per_row = K // 8
+    groups_per_row = K // G
+    # A 2-D [rows, words] tile keeps each thread's 4 words contiguous (16-byte loads) and rows in
+    # registers; x arrives as one 16-byte load per word and is split into planes in registers.
+    w_offs = rows[:, None] * tl.multiple_of(words_per_row, W_ALIGN) + col[None, :]
+    x_offs = col[:, None] * 8 + tl.arange(0, 8)[None, :]
+    sz_offs = rows[:, None] * groups_per_row + grp[None, :]
+
+    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    for c in range(CHUNKS):  # a constexpr trip count: the interpreter cannot loop to a runtime scalar
+        g0 = (tl.program_id(1) * CHUNKS + c) * GROUPS  # chunks past K are fully masked (EVEN is off)
+        if EVEN:
+            w = tl.load(w_ptr + w_offs + g0 * WORDS, eviction_policy="evict_first")
+            s = tl.load(s_ptr + sz_offs + g0)
+            z = tl.load(z_ptr + sz_offs + g0)
+            x8 = tl.load(x_ptr + x_offs + g0 * G)
+        else:
+            col_ok = (g0 * WORDS + col) < words_per_row
+            tile_ok = row_ok[:, None] & ((g0 + grp) < groups_per_row)[None, :]
+            w = tl.load(w_ptr + w_offs + g0 * WORDS, mask=row_ok[:, None] & col_ok[None, :], other=0,
+                        eviction_policy="evict_first")
+            s = tl.load(s_ptr + sz_offs + g0, mask=tile_ok, other=0.0)
+            z = tl.load(z_ptr + sz_offs + g0, mask=tile_ok, other=0.0)
+            x8 = tl.load(x_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
+        x8 = x8.to(tl.float32)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x8, COLS)
+        t = _nibble_plane(w, 0, nibble_mask, one) * x0[None, :]
+        t += _nibble_plane(w, 8, nibble_mask, one) * x1[None, :]
+        t += _nibble_plane(w, 16, nibble_mask, one) * x2[None, :]
+        t += _nibble_plane(w, 24, nibble_mask, one) * x3[None, :]
+        t += _nibble_plane(w, 4, nibble_mask, one) * x4[None, :]
+        t += _nibble_plane(w, 12, nibble_mask, one) * x5[None, :]
+        t += _nibble_plane(w, 20, nibble_mask, one) * x6[None, :]
+        t += _nibble_plane(w, 28, nibble_mask, one) * x7[None, :]
+        t_group = tl.sum(tl.reshape(t, (BLOCK_N, GROUPS, WORDS)), axis=2)
+        x_group = tl.sum(tl.reshape(tl.sum(x8, axis=1), (GROUPS, WORDS)), axis=1)
+        acc += s.to(tl.float32) * (16.0 * t_group - (16.0 + z.to(tl.float32)) * x_group[None, :])
+    _finish(tl.sum(acc, axis=1), rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+            SPLITS, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _dp4a(a, b, c, USE_ASM: tl.constexpr):
+    """c + sum of the 4 byte products, a's bytes unsigned, b's signed (PTX dp4a; plain ops in the interpreter)."""
+    if USE_ASM:
+        c = tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                      dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        for byte in tl.static_range(4):
+            c += ((a >> (8 * byte)) & 0xFF) * ((b << (24 - 8 * byte)) >> 24)
+    return c
+
+
+@triton.jit
+def _int4_gemv_w4a8_kernel(
+    xq_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
+    N, K,
+    CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """Same tiling as the W4A16 kernel; x is int8 words (xq_ptr as int32: word 2j = x[8j..8j+3]), per-group scale/sum."""
+    GROUPS: tl.constexpr = BLOCK_K // G
+    WORDS: tl.constexpr = G // 8
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    grp = tl.arange(0, GROUPS)
+    word = tl.arange(0, WORDS)
+    groups_per_row = K // G
+    w_offs = rows[:, None, None] * tl.multiple_of(K // 8, W_ALIGN) + (grp * WORDS)[None, :, None] + word[None, None, :]
+    xw_offs = 2 * ((grp * WORDS)[:, None] + word[None, :])
+    sz_offs = rows[:, None] * groups_per_row + grp[None, :]
+
+    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    for c in range(CHUNKS):
+        g0 = (tl.program_id(1) * CHUNKS + c) * GROUPS
+        g_ok = (g0 + grp) < groups_per_row
+        w, s, z = _load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok[:, None] & g_ok[None, :], WORDS, EVEN)
+        xlo = tl.load(xq_ptr + xw_offs + 2 * g0 * WORDS, mask=g_ok[:, None], other=0)
+        xhi = tl.load(xq_ptr + xw_offs + (2 * g0 * WORDS + 1), mask=g_ok[:, None], other=0)
+        d = _dp4a(w & 0x0F0F0F0F, xlo[None, :, :], tl.zeros_like(w), USE_ASM)
+        d = _dp4a((w >> 4) & 0x0F0F0F0F, xhi[None, :, :], d, USE_ASM)
+        xs = tl.load(xs_ptr + g0 + grp, mask=g_ok, other=0.0)
+        xq_sum = tl.load(xsum_ptr + g0 + grp, mask=g_ok, other=0.0)
+        acc += s * xs[None, :] * (tl.sum(d, axis=2).to(tl.float32) - z * xq_sum[None, :])
+    _finish(tl.sum(acc, axis=1), rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+            SPLITS, HAS_BIAS, HAS_RES)
+
+
+@triton.jit
+def _quantize_x_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, num_groups, G: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Symmetric int8 per group of G: scale = max|x| / 127, q = floor(x / scale + 0.5); also sum(q) per group."""
+    grp = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
+    ok = grp < num_groups
+    offs = grp[:, None] * G + tl.arange(0, G)[None, :]
+    x = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-30) / 127.0
+    q = tl.minimum(tl.maximum(tl.floor(x / scale[:, None] + 0.5), -127.0), 127.0)
+    tl.store(xq_ptr + offs, q.to(tl.int8), mask=ok[:, None])
+    tl.store(xs_ptr + grp, scale, mask=ok)
+    tl.store(xsum_ptr + grp, tl.sum(q, axis=1), mask=ok)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
+    """Zeroed per-row-block arrival counters, kept per device; each launch leaves them zero again.
+
+    Allocated on first use, so make one call before capturing a CUDA graph.
+    """
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < needed:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("int4_gemv: call it once before CUDA graph capture (split-K counters are allocated lazily)")
+        counters = torch.zeros(max(needed, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = counters
+    return counters
+
+
+def _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out) -> tuple[int, int]:
+    if x.dim() != 1 or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"x must be a 1-D fp16/bf16 vector, got {tuple(x.shape)} {x.dtype}")
+    if qweight.dim() != 2 or qweight.dtype != torch.int32:
+        raise ValueError(f"qweight must be int32 [N, K // 8], got {tuple(qweight.shape)} {qweight.dtype}")
+    n, k = qweight.shape[0], qweight.shape[1] * 8
+    if x.numel() != k:
+        raise ValueError(f"x has {x.numel()} elements, qweight expects K={k}")
+    if group_size < 8 or group_size & (group_size - 1) or k % group_size:
+        raise ValueError(f"group size {group_size} must be a power of two >= 8 dividing K={k}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (n, k // group_size):
+            raise ValueError(f"{name} must be [{n}, {k // group_size}], got {tuple(t.shape)}")
+    for name, t in (("bias", bias), ("residual", residual)):
+        if t is not None and tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must be [{n}], got {tuple(t.shape)}")
+    if out is not None and (tuple(out.shape) != (n,) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [{n}] {x.dtype} tensor")
+    tensors = [t for t in (x, qweight, scales, zeros, bias, residual, out) if t is not None]
+    if any(t.device != x.device for t in tensors):
+        raise ValueError("all tensors must be on one device")
+    return n, k
+
+
+def _launch(kernel, inputs, n, k, group_size, cfg, bias, residual, out, dtype, device, extra_args=(), **extra):
+    """Shared launcher: grid of (row blocks, K slices), workspace for split-K, dummy pointers for absent tensors."""
+    if cfg.block_k % group_size:
+        raise ValueError(f"block_k {cfg.block_k} must be a multiple of the group size {group_size}")
+    if out is None:
+        out = torch.empty(n, dtype=dtype, device=device)
+    chunks = triton.cdiv(k, cfg.block_k)
+    chunks_per_split = triton.cdiv(chunks, cfg.split_k)
+    num_splits = triton.cdiv(chunks, chunks_per_split)
+    row_blocks = triton.cdiv(n, cfg.block_n)
+    split = num_splits > 1
+    partials = torch.empty((num_splits, n), dtype=torch.float32, device=device) if split else out
+    counters = _arrival_counters(device, row_blocks) if split else out
+    kernel[(row_blocks, num_splits)](
+        *inputs,
+        bias if bias is not None else out, residual if residual is not None else out,
+        out, partials, counters,
+        n, k, *extra_args,
+        CHUNKS=chunks_per_split, SPLITS=num_splits, G=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        W_ALIGN=4 if (k // 8) % 4 == 0 else 1,
+        EVEN=(n % cfg.block_n == 0 and k == cfg.block_k * chunks_per_split * num_splits),
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+    )
+    return out
+
+
+def int4_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    *,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """y[N] = dequant(W) @ x (+ bias) (+ residual) in x's dtype; ``config`` overrides the tuning table.
+
+    Split-K launches share per-device counters: launch them from one stream at a time.
+    """
+    n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out)
+    cfg = config or pick_config(n, k, group_size)
+    inputs = tuple(t.contiguous() for t in (x, qweight, scales, zeros))
+    return _launch(_int4_gemv_kernel, inputs, n, k, group_size, cfg, bias, residual, out, x.dtype, x.device,
+                   extra_args=(MANTISSA_NIBBLE, ONE_F32))
+
+
+def int4_gemv_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    *,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Plain torch: dequantize to fp32, matmul in fp32, add bias/residual, cast to x's dtype."""
+    y = dequantize(qweight, scales, zeros, group_size) @ x.float()
+    return _add_and_cast(y, bias, residual, x.dtype)
+
+
+def _add_and_cast(y: torch.Tensor, bias, residual, dtype: torch.dtype) -> torch.Tensor:
+    """The references' epilogue: fp32 adds, one final rounding."""
+    if bias is not None:
+        y = y + bias.float()
+    if residual is not None:
+        y = y + residual.float()
+    return y.to(dtype)
+
+
+class Int8Activation(NamedTuple):
+    """x quantized per group of G: int8 codes [K], fp32 scales [K // G] and code sums [K // G]."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    sums: torch.Tensor
+    dtype: torch.dtype  # the dtype of the x it came from: the GEMV's output dtype
+
+
+def quantize_activation(x: torch.Tensor, group_size: int) -> Int8Activation:
+    """One launch; reuse the result for every W4A8 GEMV that reads the same x (q/k/v, gate/up)."""
+    k = x.numel()
+    if x.dim() != 1 or x.dtype not in (torch.float16, torch.bfloat16) or k % group_size or k % 8:
+        raise ValueError(f"x must be a 1-D fp16/bf16 vector whose length is a multiple of {group_size} and 8")
+    num_groups = k // group_size
+    act = Int8Activation(
+        torch.empty(k, dtype=torch.int8, device=x.device),
+        torch.empty(num_groups, dtype=torch.float32, device=x.device),
+        torch.empty(num_groups, dtype=torch.float32, device=x.device),
+        x.dtype,
+    )
+    block_g = max(1, min(triton.next_power_of_2(num_groups), 4096 // group_size))
+    _quantize_x_kernel[(triton.cdiv(num_groups, block_g),)](
+        x.contiguous(), act.codes, act.scales, act.sums, num_groups, G=group_size, BLOCK_G=block_g
+    )
+    return act
+
+
+def quantize_activation_reference(x: torch.Tensor, group_size: int) -> Int8Activation:
+    """Plain torch version of ``quantize_activation`` (same rounding: floor(x / scale + 0.5))."""
+    groups = x.float().view(-1, group_size)
+    scales = groups.abs().amax(dim=1).clamp(min=1e-30) / 127.0
+    codes = torch.floor(groups / scales[:, None] + 0.5).clamp(-127, 127)
+    return Int8Activation(codes.to(torch.int8).view(-1), scales, codes.sum(dim=1), x.dtype)
+
+
+def int4_gemv_w4a8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    *,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+    act: Int8Activation | None = None,
+) -> torch.Tensor:
+    """Opt-in W4A8: x quantized to int8 per group of G (or ``act``, already quantized), dp4a products.
+
+    Costs ~1e-2 relative error against fp16 activations; measure perplexity before choosing it.
+    """
+    n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out)
+    act = act or quantize_activation(x, group_size)
+    cfg = config or pick_config(n, k, group_size, W4A8_CONFIG_TABLE)
+    inputs = (act.codes.view(torch.int32), act.scales, act.sums) + tuple(t.contiguous() for t in (qweight, scales, zeros))
+    use_asm = isinstance(_int4_gemv_w4a8_kernel, triton.runtime.JITFunction)  # inline asm cannot be interpreted
+    return _launch(_int4_gemv_w4a8_kernel, inputs, n, k, group_size, cfg, bias, residual, out, act.dtype, x.device,
+                   USE_ASM=use_asm)
+
+
+def int4_gemv_w4a8_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    *,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W4A16 reference applied to the int8-rounded x (what the W4A8 kernel computes exactly, up to fp32 sums)."""
+    act = quantize_activation_reference(x, group_size)
+    x_rounded = (act.codes.float().view(-1, group_size) * act.scales[:, None]).view(-1)
+    y = dequantize(qweight, scales, zeros, group_size) @ x_rounded
+    return _add_and_cast(y, bias, residual, x.dtype)

@@ -1,0 +1,275 @@
+"""Sampling must match transformers' warpers exactly, draw reproducibly, and parse /set safely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from ffchat.errors import FfchatError
+from ffchat.sampling import Sampler, SamplingParams, apply_repetition_penalty, filter_logits
+
+
+def random_logits(vocab: int, seed: int, scale: float = 3.0) -> torch.Tensor:
+    """Peaky enough that top-p and min-p cut somewhere in the middle of the vocabulary."""
+    return torch.randn(vocab, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def transformers_filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The same settings through transformers' own warpers, in generate()'s order."""
+    warpers = []
+    if params.temperature not in (0, 1):
+        warpers.append(TemperatureLogitsWarper(float(params.temperature)))
+    if params.top_k:
+        warpers.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1:
+        warpers.append(TopPLogitsWarper(params.top_p))
+    if params.min_p:
+        warpers.append(MinPLogitsWarper(params.min_p))
+    scores = logits[None].clone()
+    input_ids = torch.zeros(1, 1, dtype=torch.long)
+    for warper in warpers:
+        scores = warper(input_ids, scores)
+    return scores[0]
+
+
+FILTER_SETTINGS = [
+    dict(temperature=0.8, top_k=40, top_p=0.9, min_p=0.0),  # Ollama's defaults
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0),  # nothing filtered
+    dict(temperature=0.6, top_k=20, top_p=0.95, min_p=0.0),  # Qwen3's
+    dict(temperature=1.3, top_k=0, top_p=0.5, min_p=0.0),
+    dict(temperature=0.7, top_k=0, top_p=1.0, min_p=0.1),
+    dict(temperature=1.0, top_k=5, top_p=1.0, min_p=0.0),
+    dict(temperature=0.5, top_k=100, top_p=0.8, min_p=0.05),
+    dict(temperature=1.0, top_k=1, top_p=1.0, min_p=0.0),
+    dict(temperature=1.0, top_k=0, top_p=0.0, min_p=0.0),  # top-p 0 still keeps one token
+    dict(temperature=1.0, top_k=0, top_p=1.0, min_p=1.0),  # min-p 1 keeps only the best
+    dict(temperature=2.0, top_k=50_000, top_p=0.99, min_p=0.0),  # k beyond the vocabulary
+]
+
+
+@pytest.mark.parametrize("settings", FILTER_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("vocab", [17, 1000, 32000])
+def test_filter_logits_matches_transformers(settings, vocab):
+    params = SamplingParams(**settings)
+    for seed in range(4):
+        logits = random_logits(vocab, seed)
+        ours = filter_logits(logits, params)
+        theirs = transformers_filter(logits, params)
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs)), f"different tokens removed (seed {seed})"
+        assert torch.equal(ours, theirs), f"different kept values (seed {seed})"
+        assert torch.isfinite(ours).any()
+
+
+def test_filter_logits_really_filters():
+    """Guard against a comparison that passes because neither side removes anything."""
+    params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05)
+    kept = torch.isfinite(filter_logits(random_logits(1000, 0), params)).sum().item()
+    assert 1 < kept < 40
+
+
+def test_top_p_boundary_is_inclusive():
+    """Tokens whose tail mass is exactly 1 - top_p go, as in transformers (exact with four equal logits)."""
+    logits = torch.zeros(4)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=0.5)
+    kept = torch.isfinite(filter_logits(logits, params)).sum().item()
+    assert kept == torch.isfinite(transformers_filter(logits, params)).sum().item() == 2
+
+
+def test_filter_logits_is_pure():
+    logits = random_logits(100, 1)
+    before = logits.clone()
+    filter_logits(logits, SamplingParams(top_k=3, top_p=0.5, min_p=0.2))
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("penalty", [1.1, 1.5, 0.8])
+@pytest.mark.parametrize("last_n", [-1, 64, 5, 1])
+def test_repetition_penalty_matches_transformers(penalty, last_n):
+    logits = random_logits(300, 7)
+    previous = torch.randint(0, 300, (200,), generator=torch.Generator().manual_seed(3)).tolist()
+    previous += previous[-10:]  # repeats inside the window are penalized once
+    params = SamplingParams(repeat_penalty=penalty, repeat_last_n=last_n)
+    window = previous if last_n == -1 else previous[-last_n:]
+    expected = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([window]), logits[None].clone())[0]
+    assert torch.equal(apply_repetition_penalty(logits, previous, params), expected)
+
+
+def test_repetition_penalty_off():
+    logits = random_logits(50, 2)
+    for params in (SamplingParams(repeat_penalty=1.0), SamplingParams(repeat_last_n=0)):
+        assert torch.equal(apply_repetition_penalty(logits, [1, 2, 3], params), logits)
+    assert torch.equal(apply_repetition_penalty(logits, [], SamplingParams()), logits)
+
+
+def test_repetition_penalty_only_touches_the_window():
+    logits = torch.tensor([2.0, -2.0, 2.0, -2.0])
+    params = SamplingParams(repeat_penalty=2.0, repeat_last_n=2)
+    penalized = apply_repetition_penalty(logits, [0, 1, 2, 3, 1, 2], params)
+    assert penalized.tolist() == [2.0, -4.0, 1.0, -2.0]
+    assert logits.tolist() == [2.0, -2.0, 2.0, -2.0]
+
+
+def test_greedy_is_argmax():
+    sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=1.0))
+    for seed in range(5):
+        logits = random_logits(1000, seed)
+        assert sampler.sample(logits, []) == int(logits.argmax())
+
+
+def test_greedy_applies_the_repetition_penalty_first():
+    logits = torch.tensor([0.0, 3.0, 2.5, 1.0])
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.0)).sample(logits, [1]) == 1
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.5)).sample(logits, [1]) == 2
+
+
+def draws(params: SamplingParams, logits: torch.Tensor, count: int) -> list[int]:
+    sampler = Sampler(params)
+    return [sampler.sample(logits, []) for _ in range(count)]
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens():
+    logits = random_logits(500, 4, scale=1.0)
+    params = dict(temperature=1.0, top_k=0, top_p=1.0, repeat_penalty=1.0)
+    first = draws(SamplingParams(seed=1234, **params), logits, 50)
+    assert first == draws(SamplingParams(seed=1234, **params), logits, 50)
+    assert first != draws(SamplingParams(seed=1235, **params), logits, 50)
+    assert len(set(first)) > 10  # really sampling
+
+
+def test_no_seed_is_random():
+    logits = random_logits(500, 4, scale=1.0)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, seed=None)
+    assert draws(params, logits, 50) != draws(params, logits, 50)
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    logits = torch.tensor([2.0, 1.6, 1.5, 0.9, 0.3, -0.5, -1.0, -3.0])
+    params = SamplingParams(temperature=0.7, top_k=6, top_p=0.95, min_p=0.03, repeat_penalty=1.0, seed=7)
+    expected = torch.softmax(filter_logits(logits, params), dim=-1)
+    kept = expected > 0
+    assert 2 < kept.sum() < 6  # the filters removed something and left a choice
+
+    count = 20_000
+    observed = torch.bincount(torch.tensor(draws(params, logits, count)), minlength=len(logits)).double()
+    assert observed[~kept].sum() == 0, "drew a filtered token"
+    expected_counts = expected[kept].double() * count
+    chi_square = (((observed[kept] - expected_counts) ** 2) / expected_counts).sum().item()
+    assert chi_square < 25  # df <= 5: p < 1e-3 for a correct sampler
+
+
+def test_defaults_are_ollamas():
+    params = SamplingParams()
+    assert (params.temperature, params.top_k, params.top_p, params.min_p) == (0.8, 40, 0.9, 0.0)
+    assert (params.repeat_penalty, params.repeat_last_n, params.seed, params.max_tokens, params.stop) == (
+        1.1, 64, None, None, [],
+    )
+
+
+def test_generation_config_overlays_the_defaults():
+    params = SamplingParams.from_generation_config(
+        {"temperature": 0.6, "top_p": 0.95, "top_k": None, "repetition_penalty": 1.05, "min_p": 0, "eos_token_id": 2}
+    )
+    assert (params.temperature, params.top_p, params.top_k, params.repeat_penalty, params.min_p) == (
+        0.6, 0.95, 40, 1.05, 0,
+    )
+    assert SamplingParams.from_generation_config({}) == SamplingParams()
+    assert SamplingParams.from_generation_config(None) == SamplingParams()
+
+
+def test_bad_generation_config_is_a_user_error():
+    with pytest.raises(FfchatError, match="top_p"):
+        SamplingParams.from_generation_config({"top_p": 1.5})
+
+
+@pytest.mark.parametrize(
+    "key, text, value",
+    [
+        ("temperature", "0.5", 0.5),
+        ("temperature", "0", 0.0),
+        ("top_k", "0", 0),
+        ("top_k", "100", 100),
+        ("top_p", "1", 1.0),
+        ("min_p", "0.05", 0.05),
+        ("repeat_penalty", "1.0", 1.0),
+        ("repeat_last_n", "-1", -1),
+        ("repeat_last_n", "0", 0),
+        ("seed", "42", 42),
+        ("seed", "none", None),
+        ("max_tokens", "128", 128),
+        ("max_tokens", "None", None),
+    ],
+)
+def test_set_parses_values(key, text, value):
+    params = SamplingParams(seed=1, max_tokens=5)
+    params.set(key, text)
+    assert getattr(params, key) == value
+    assert type(getattr(params, key)) is type(value)
+
+
+@pytest.mark.parametrize(
+    "key, text",
+    [
+        ("temperature", "-0.1"),
+        ("temperature", "warm"),
+        ("temperature", "nan"),
+        ("temperature", "inf"),
+        ("top_k", "-1"),
+        ("top_k", "4.5"),
+        ("top_p", "1.01"),
+        ("top_p", "-0.1"),
+        ("min_p", "2"),
+        ("repeat_penalty", "0"),
+        ("repeat_last_n", "-2"),
+        ("seed", "-1"),
+        ("seed", "lucky"),
+        ("max_tokens", "0"),
+        ("max_tokens", "ten"),
+        ("temprature", "0.5"),
+        ("params", "x"),
+    ],
+)
+def test_set_rejects_bad_input_and_changes_nothing(key, text):
+    params = SamplingParams()
+    with pytest.raises(FfchatError):
+        params.set(key, text)
+    assert params == SamplingParams()
+
+
+def test_set_stop_appends_unescapes_and_clears():
+    params = SamplingParams()
+    params.set("stop", "###")
+    params.set("stop", r"\n\nUser:")
+    params.set("stop", r"C:\dir\\x")
+    assert params.stop == ["###", "\n\nUser:", "C:\\dir\\x"]
+    params.set("stop", "none")
+    assert params.stop == []
+
+
+def test_invalid_params_cannot_be_built():
+    with pytest.raises(FfchatError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(FfchatError, match="stop"):
+        SamplingParams(stop=[""])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sampling_stays_on_the_gpu():
+    """CUDA's division rounds differently from the CPU's, so the oracle runs on the GPU too."""
+    logits = random_logits(32000, 5).cuda()
+    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.02, repeat_penalty=1.3, seed=3)
+    filtered = filter_logits(logits, params)
+    assert filtered.device == logits.device
+    assert torch.equal(filtered, transformers_filter(logits, params))
+    previous = list(range(0, 3000, 7))
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([previous[-64:]]).cuda(), logits[None].clone())[0]
+    assert torch.equal(apply_repetition_penalty(logits, previous, params), expected)
+    assert draws(params, logits, 30) == draws(params, logits, 30)
+    assert Sampler(SamplingParams(temperature=0)).sample(logits, []) == int(logits.argmax())
