@@ -77,6 +77,17 @@ class ModelRecord:
         return cls(**data, record_dir=record_dir)
 
 
+def replace_directory(staging: Path, final: Path) -> None:
+    """Rename a fully written ``staging`` directory to ``final``; an old ``final`` is moved aside, then deleted."""
+    if not final.exists():
+        staging.rename(final)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.trash-", dir=final.parent))
+    final.rename(trash / "old")
+    staging.rename(final)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def slug(name: str) -> str:
     """A directory name for a model name ("org/model" -> "org--model")."""
     return re.sub(r"[^A-Za-z0-9._-]", "-", name.replace("/", "--"))
@@ -108,21 +119,12 @@ class Store:
                 (staging / rel).parent.mkdir(parents=True, exist_ok=True)
                 (staging / rel).write_bytes(data)
             (staging / RECORD_FILE).write_text(record.to_yaml())
-            self._replace(staging, final)
+            replace_directory(staging, final)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         record.record_dir = final
         return record
-
-    def _replace(self, staging: Path, final: Path) -> None:
-        if final.exists():
-            trash = Path(tempfile.mkdtemp(prefix=".trash-", dir=self.models_dir))
-            final.rename(trash / "old")
-            staging.rename(final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(final)
 
     def list(self) -> list[ModelRecord]:
         if not self.models_dir.is_dir():

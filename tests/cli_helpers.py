@@ -39,3 +39,9 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert lines and lines[-1].startswith("error:"), result.stderr
     for fragment in fragments:
         assert fragment in lines[-1], (fragment, lines[-1])
+
+
+def assert_only_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """assert_one_line_error, and nothing else on stderr: no warning, no progress, no second line."""
+    assert_one_line_error(result, *fragments)
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr

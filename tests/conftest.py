@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # Triton decides between interpreting and compiling when a kernel module is
+    # first imported: without a GPU, every kernel test runs in the interpreter.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -13,9 +20,19 @@ from factory import FAMILIES, build_model  # noqa: E402
 from real_model import smollm2_gguf  # noqa: E402
 
 
+# The machine's Hugging Face settings must not reach a test (HF_HUB_CACHE would
+# even win over the test's HF_HOME, and a token or endpoint would change answers).
+HUB_VARIABLES = (
+    "HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+    "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
+)
+
+
 @pytest.fixture(autouse=True)
 def ffchat_home(tmp_path, monkeypatch):
     """Every test gets its own empty store and Hugging Face cache; nothing touches ~/.cache."""
+    for name in HUB_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
     home = tmp_path / "ffchat-home"
     monkeypatch.setenv("FFCHAT_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))

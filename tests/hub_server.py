@@ -17,16 +17,13 @@ import json
 import re
 import shutil
 import socket
-import subprocess
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-import pytest
 import torch
-from cli_helpers import assert_one_line_error
 from safetensors.torch import load_file, save_file
 
 LFS_SUFFIXES = (".safetensors", ".bin")  # served like the Hub serves LFS files: ETag is the sha256
@@ -283,25 +280,3 @@ def set_model_type(directory: Path, model_type: str, architectures: list[str]) -
     config = json.loads((directory / "config.json").read_text())
     config.update(model_type=model_type, architectures=architectures)
     (directory / "config.json").write_text(json.dumps(config))
-
-
-# The CLI runs in a fresh process (tests/cli_helpers.py) that inherits the test's environment.
-
-HUB_VARIABLES = (
-    "HF_ENDPOINT", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-    "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
-)
-
-
-@pytest.fixture(autouse=True)
-def no_hub_settings(monkeypatch):
-    """Only what a test sets reaches huggingface_hub: not the machine's token, endpoint, offline switch or cache
-    (HF_HUB_CACHE would even win over the test's HF_HOME). Import it into a test module to use it there."""
-    for name in HUB_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-
-
-def assert_only_error_line(result: subprocess.CompletedProcess, *fragments: str) -> None:
-    """cli_helpers.assert_one_line_error, and nothing else on stderr: no warning, no progress, no second line."""
-    assert_one_line_error(result, *fragments)
-    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr

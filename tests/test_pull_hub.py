@@ -13,16 +13,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import ffchat, ffchat_env
-from hub_server import (  # noqa: F401  (no_hub_settings: an autouse fixture)
+from cli_helpers import assert_only_error_line, ffchat, ffchat_env
+from hub_server import (
     FakeHub,
     add_padding,
-    assert_only_error_line,
     closed_port_url,
     copy_model,
     make_bin_only,
     make_sharded,
-    no_hub_settings,
     set_model_type,
     truncate,
 )

@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import ffchat, ffchat_env
-from hub_server import FakeHub, assert_only_error_line, copy_model, no_hub_settings  # noqa: F401  (autouse fixture)
+from cli_helpers import assert_only_error_line, ffchat, ffchat_env
+from hub_server import FakeHub, copy_model
 
 from ffchat import __version__
-from ffchat.cli import human_size
 from ffchat.config import ModelConfig
-from ffchat.describe import human_count
+from ffchat.describe import human_count, human_size
 from ffchat.pull import pull_model
 from ffchat.store import ModelRecord, Store
 
