@@ -12,6 +12,7 @@ from typing import Protocol, Sequence
 import torch
 
 from ffchat.config import ModelConfig
+from ffchat.errors import FfchatError
 
 
 class Backend(Protocol):
@@ -29,3 +30,29 @@ class Backend(Protocol):
 
     def rewind(self, position: int) -> None:
         """Forget every cached token from ``position`` on (0 resets the conversation)."""
+
+
+# The checks every backend makes the same way, so users see one wording whatever runs.
+
+def check_prompt_fits(backend: Backend, count: int) -> None:
+    """A prompt of ``count`` tokens must fit in what is left of the context: never truncate silently."""
+    if count == 0:
+        raise FfchatError("the prompt is empty")
+    free = backend.context_length - backend.position
+    if count > free:
+        raise FfchatError(
+            f"the prompt ({count} tokens) does not fit in the {free} tokens left "
+            f"of the {backend.context_length}-token context",
+            hint="start a new conversation or raise the context length",
+        )
+
+
+def check_room_for_token(backend: Backend) -> None:
+    if backend.position >= backend.context_length:
+        raise FfchatError(f"the {backend.context_length}-token context is full",
+                          hint="start a new conversation or raise the context length")
+
+
+def check_rewind(backend: Backend, position: int) -> None:
+    if not 0 <= position <= backend.position:
+        raise ValueError(f"cannot rewind to {position}: the cache holds {backend.position} tokens")

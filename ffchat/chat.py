@@ -36,7 +36,10 @@ MULTILINE_FENCE = '"""'
 
 
 def stream_answer(session: ChatSession, text: str, out: TextIO) -> Completion | None:
-    """Write the answer to ``out`` as it comes; Ctrl+C ends the answer, not the program."""
+    """Write the answer to ``out`` as it comes; Ctrl+C ends the answer, not the program.
+
+    None means Ctrl+C came before the answer began (while the prompt was prepared).
+    """
     answer = session.ask(text)
     try:
         for piece in answer:
@@ -56,21 +59,22 @@ def timing_line(completion: Completion) -> str:
 
 
 def run_piped(
-    session: ChatSession, inputs: Iterable[str], *, as_json: bool, verbose: bool, err: Console, model: str
+    session: ChatSession, inputs: Iterable[str], *, as_json: bool, verbose: bool, err: Console, model: str,
+    backend: str,
 ) -> None:
-    """Answer each input; one user message per input, only answers (or JSON) on stdout."""
+    """Answer each input; one user message per input, only answers (or JSON, naming model and backend) on stdout."""
     out = sys.stdout
     for text in inputs:
         if as_json:
             completion = _drain(session, text)
-            out.write(json.dumps({"model": model, **completion.to_dict()}, ensure_ascii=False) + "\n")
+            out.write(json.dumps({"model": model, "backend": backend, **completion.to_dict()}, ensure_ascii=False) + "\n")
         else:
             completion = stream_answer(session, text, out)
             out.write("\n")
         out.flush()
         if verbose and completion is not None:
             err.print(timing_line(completion))
-        if completion is not None and completion.finish_reason == "interrupted":
+        if completion is None or completion.finish_reason == "interrupted":
             raise KeyboardInterrupt
 
 
@@ -141,10 +145,10 @@ class InteractiveChat:
             return
         sys.stdout.write("\n")
         sys.stdout.flush()
-        if completion is None:
-            return
-        if completion.finish_reason == "interrupted":
+        if completion is None or completion.finish_reason == "interrupted":
             self.console.print("[dim](stopped)[/]")
+            if completion is None:
+                return
         elif completion.finish_reason == "context":
             self.console.print("[yellow]the context is full: /clear to start over[/]")
         if self.verbose:

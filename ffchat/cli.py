@@ -29,7 +29,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 _debug = False
 
 
@@ -138,8 +138,8 @@ def rm(
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Model name (see `ffchat list`)."),
-    method: str = typer.Option("hqq", "--method", help="hqq (optimised scales and zeros, no calibration data) or rtn (round to nearest)."),
-    group_size: int = typer.Option(128, "--group-size", help="Weights per scale/zero; falls back to 64, 32... where a dimension is not a multiple."),
+    method: str = typer.Option("wmse", "--method", help="wmse (scales and zeros fitted to the model's activations) or rtn (round to nearest)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Weights per scale/zero (default 128; 32 for a Q4_0/Q4_1 GGUF, whose blocks are then kept exactly); falls back to 64, 32... where a dimension is not a multiple."),
     keep_head_fp16: bool = typer.Option(False, "--keep-head-fp16", help="Leave the LM head unquantized."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: the GPU when there is one)."),
 ) -> None:
@@ -152,10 +152,14 @@ def quantize(
     manifest = quantize_model(
         record, method=method, group_size=group_size, keep_head_fp16=keep_head_fp16, console=err, device=device
     )
+    if manifest.get("group_size_reason"):
+        err.print(f"group size {manifest['group_size']}: {manifest['group_size_reason']}")
+    exact = len(manifest.get("exact", []))
+    kept = f", {exact} kept exactly from the GGUF" if exact else ""
     size = sum(f.stat().st_size for f in artifact_dir(record).iterdir())
     err.print(
-        f"quantized {escape(record.name)} with {method} (group size {group_size}, "
-        f"{len(manifest['int4_tensors'])} INT4 tensors, LM head {manifest['lm_head']}) "
+        f"quantized {escape(record.name)} with {method} (group size {manifest['group_size']}, "
+        f"{len(manifest['int4_tensors'])} INT4 tensors{kept}, LM head {manifest['lm_head']}) "
         f"in {manifest['seconds']:.1f} s: {human_size(size)}"
     )
 
@@ -190,7 +194,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Piped: one JSON object per answer (text, token counts, timing)."),
     raw: bool = typer.Option(False, "--raw", help="No chat template: plain text completion."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing after each answer (stderr)."),
-    backend: str = typer.Option("auto", "--backend", help="auto or reference."),
+    backend: str = typer.Option("auto", "--backend", help="auto (triton on a GPU with INT4 weights, else reference), reference or triton."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is a GPU)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
     fp16: bool = typer.Option(False, "--fp16", help="Use the original weights even when INT4 weights exist."),
@@ -214,6 +218,27 @@ def run(
                       repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens),
     )
     launch_chat(Store(), model, options, err)
+
+
+@app.command()
+def bench(
+    model: Optional[str] = typer.Argument(None, help="A stored model (see `ffchat list`) instead of a --shape."),
+    shape: Optional[str] = typer.Option(None, "--shape", help="A real model shape with seeded random weights: "
+                                        "llama-3.2-1b (default), llama-3.1-8b, qwen2.5-0.5b; tiny, tiny-qwen for a smoke test."),
+    backends: str = typer.Option("triton,torch-compile,reference", "--backends", help="Comma-separated backends to measure: triton, torch-compile (the baseline), reference."),
+    contexts: str = typer.Option("128,512,2048", "--contexts", help="Tokens in the KV cache for the decode timings."),
+    prompt: int = typer.Option(512, "--prompt", help="Prompt tokens for prefill speed and time to first token."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write every figure to this JSON file."),
+    int4: bool = typer.Option(True, "--int4/--bf16", help="INT4 weights (group 128), or everything unquantized in bf16."),
+    steps: int = typer.Option(100, "--steps", help="Timed decode steps per context."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights and tokens."),
+) -> None:
+    """Decode and prefill speed of each backend against the GPU's copy-bandwidth roofline (needs a GPU)."""
+    from ffchat.bench import BenchOptions, parse_backends, parse_contexts, run_bench
+
+    options = BenchOptions(model=model, shape=shape, backends=parse_backends(backends), contexts=parse_contexts(contexts),
+                           prompt=prompt, int4=int4, seed=seed, steps=steps, json_path=json_path)
+    run_bench(options, _stdout(), err)
 
 
 def main() -> None:

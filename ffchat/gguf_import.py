@@ -16,7 +16,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -103,6 +103,63 @@ def load_gguf_state_dict(path: Path | str, dtype: torch.dtype = torch.float32) -
             values = _unpermute_rows(values, kv_heads)
         state_dict[hf_name] = torch.from_numpy(values).to(dtype)
     return state_dict
+
+
+# llama.cpp's 4-bit block types with one scale (and Q4_1 one min) per 32 weights: bytes per block.
+Q4_BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
+Q4_BLOCK_SIZE = 32
+
+
+class Q4Blocks(NamedTuple):
+    """A Q4_0/Q4_1 tensor as stored, [out, in]: w[n, k] = d[n, k // 32] * q[n, k] + m[n, k // 32]."""
+
+    kind: str  # "Q4_0" or "Q4_1"
+    q: torch.Tensor  # uint8 codes 0..15 [N, K]
+    d: torch.Tensor  # float32 [N, K // 32]: the file's fp16 scales
+    m: torch.Tensor  # float32 [N, K // 32]: Q4_1's fp16 mins; Q4_0's codes are centred on 8, so -8 * d
+
+
+def read_q4_blocks(path: Path | str) -> dict[str, Q4Blocks]:
+    """The codes, scales and mins of every Q4_0/Q4_1 tensor, by Hugging Face name, rows in
+    ``load_gguf_state_dict``'s order: INT4 quantization can then keep them exactly instead of re-fitting.
+
+    Block layout (as the gguf package dequantizes it): fp16 d, for Q4_1 an fp16 m, then 16 bytes whose
+    low nibbles are weights 0..15 of the block and high nibbles weights 16..31.
+    """
+    path = Path(path).expanduser()
+    reader, meta = _open(path)
+    _check_tensors(reader, meta, path)
+    permuted = meta["general.architecture"] == "llama"
+    key = _arch_key(meta)
+    heads = int(key("attention.head_count"))
+    kv_heads = int(key("attention.head_count_kv", heads))
+    blocks = {}
+    for tensor in reader.tensors:
+        kind = tensor.tensor_type.name
+        hf_name = _hf_name(tensor.name)
+        if kind not in Q4_BLOCK_BYTES or hf_name is None:
+            continue
+        parts = _q4_parts(tensor, kind)
+        if permuted and ".q_proj." in hf_name:
+            parts = [_unpermute_rows(part, heads) for part in parts]
+        elif permuted and ".k_proj." in hf_name:
+            parts = [_unpermute_rows(part, kv_heads) for part in parts]
+        blocks[hf_name] = Q4Blocks(kind, *(torch.from_numpy(np.ascontiguousarray(part)) for part in parts))
+    return blocks
+
+
+def _q4_parts(tensor, kind: str) -> list[np.ndarray]:
+    """(q uint8 [N, K], d, m float32 [N, K // 32]) of one Q4_0/Q4_1 tensor's raw bytes."""
+    k = int(tensor.shape[0])  # GGUF lists the innermost (input) dimension first
+    raw = np.asarray(tensor.data, dtype=np.uint8).reshape(-1, k // Q4_BLOCK_SIZE, Q4_BLOCK_BYTES[kind])
+    d = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    if kind == "Q4_1":
+        m = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    else:
+        m = -8 * d
+    nibbles = raw[..., -Q4_BLOCK_SIZE // 2:]
+    q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1).reshape(raw.shape[0], k)
+    return [q, d, m]
 
 
 def read_metadata(path: Path | str) -> dict[str, Any]:

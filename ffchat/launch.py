@@ -61,23 +61,21 @@ def sampling_params(model_dir, options: ChatOptions):
     return params
 
 
-def load_weights(record, dtype, *, use_int4: bool, interactive: bool, err: Console):
-    """INT4 weights when the model has an artifact (unless --fp16), offering to redo a stale one."""
+def load_backend(record, choice, *, use_int4: bool, interactive: bool, err: Console):
+    """The backend over INT4 weights when the model has an artifact (unless --fp16), offering to redo a stale one."""
     from ffchat import runtime
-    from ffchat.int4 import has_int4
 
-    if not (use_int4 and has_int4(record)):
-        return runtime.load_weights(record, dtype, int4=False)
     try:
-        return runtime.load_weights(record, dtype, int4=True)
+        return runtime.load_backend(record, choice, int4=use_int4)
     except FfchatError as exc:
-        if not interactive or not Confirm.ask(escape(str(exc)) + ". Re-quantize now?", console=err, default=False):
+        if not (use_int4 and interactive and Confirm.ask(escape(str(exc)) + ". Re-quantize now?", console=err,
+                                                         default=False)):
             raise
     from ffchat.int4 import quantize_model
     from ffchat.quantize.methods import DEFAULT_METHOD
 
-    quantize_model(record, method=DEFAULT_METHOD, group_size=128, keep_head_fp16=False, console=err)
-    return runtime.load_weights(record, dtype, int4=True)
+    quantize_model(record, method=DEFAULT_METHOD, group_size=None, keep_head_fp16=False, console=err)
+    return runtime.load_backend(record, choice, int4=True)
 
 
 def launch_chat(store: Store, model: str, options: ChatOptions, err: Console) -> None:
@@ -85,6 +83,7 @@ def launch_chat(store: Store, model: str, options: ChatOptions, err: Console) ->
     from ffchat.chat import InteractiveChat, run_piped
     from ffchat.config import ModelConfig
     from ffchat.generate import Generator
+    from ffchat.int4 import has_int4
     from ffchat.session import ChatSession
     from ffchat.tokenizer import Tokenizer
 
@@ -96,23 +95,24 @@ def launch_chat(store: Store, model: str, options: ChatOptions, err: Console) ->
     tokenizer = Tokenizer.from_dir(record.model_dir)
     params = sampling_params(record.model_dir, options)
     device = runtime.choose_device(options.device, err)
-    dtype = runtime.choose_dtype(options.dtype, device)
+    use_int4 = not options.fp16 and has_int4(record)
+    backend_name = runtime.choose_backend(options.backend, device, config, int4=use_int4)
+    dtype = runtime.choose_dtype(options.dtype, device, backend_name)
     choice = runtime.RuntimeChoice(
         device=device,
         dtype=dtype,
         context_length=runtime.choose_context(config, options.ctx, device, dtype, err),
-        backend=runtime.choose_backend(options.backend),
+        backend=backend_name,
     )
-    state, weights_label = load_weights(record, dtype, use_int4=not options.fp16, interactive=not quiet, err=err)
+    backend, weights_label = load_backend(record, choice, use_int4=use_int4, interactive=not quiet, err=err)
     if not quiet:
-        err.print(f"loaded [bold]{record.name}[/] ({weights_label}) on {device}")
-    backend = runtime.load_backend(record, choice, state)
-    del state
+        err.print(f"loaded [bold]{record.name}[/] ({weights_label}) on {device}, {backend.name} backend")
     session = ChatSession(
         Generator(backend, tokenizer), tokenizer, params, system=options.system, raw=options.raw, notice=notice
     )
     if quiet:
-        run_piped(session, inputs, as_json=options.as_json, verbose=options.verbose, err=err, model=record.name)
+        run_piped(session, inputs, as_json=options.as_json, verbose=options.verbose, err=err, model=record.name,
+                  backend=backend.name)
         return
 
     def describe() -> list[tuple[str, str]]:

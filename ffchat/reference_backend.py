@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ffchat.errors import FfchatError
+from ffchat.backend import check_prompt_fits, check_rewind, check_room_for_token
 from ffchat.model import Transformer
 
 
@@ -26,26 +26,15 @@ class ReferenceBackend:
         self.position = 0
 
     def prefill(self, tokens: Sequence[int]) -> torch.Tensor:
-        if len(tokens) == 0:
-            raise FfchatError("the prompt is empty")
-        free = self.context_length - self.position
-        if len(tokens) > free:
-            raise FfchatError(
-                f"the prompt ({len(tokens)} tokens) does not fit in the {free} tokens left "
-                f"of the {self.context_length}-token context",
-                hint="start a new conversation or raise the context length",
-            )
+        check_prompt_fits(self, len(tokens))
         return self._run(tokens)
 
     def decode(self, token: int) -> torch.Tensor:
-        if self.position >= self.context_length:
-            raise FfchatError(f"the {self.context_length}-token context is full",
-                              hint="start a new conversation or raise the context length")
+        check_room_for_token(self)
         return self._run([token])
 
     def rewind(self, position: int) -> None:
-        if not 0 <= position <= self.position:
-            raise ValueError(f"cannot rewind to {position}: the cache holds {self.position} tokens")
+        check_rewind(self, position)
         self.position = position  # later tokens are overwritten before they are read again
 
     def _run(self, tokens: Sequence[int]) -> torch.Tensor:

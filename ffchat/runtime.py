@@ -16,7 +16,7 @@ from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.store import ModelRecord, Store
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "reference", "triton")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Share of free memory (after the weights) the KV cache may take by default.
 KV_CACHE_MEMORY_SHARE = 0.5
@@ -54,13 +54,16 @@ def choose_device(requested: str | None, console: Console) -> torch.device:
     return torch.device("cpu")
 
 
-def choose_dtype(requested: str | None, device: torch.device) -> torch.dtype:
+def choose_dtype(requested: str | None, device: torch.device, backend: str = "reference") -> torch.dtype:
+    """bf16 on a GPU that has it, else fp16; fp32 on the CPU, except for the Triton kernels (16-bit only)."""
     if requested in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return torch.bfloat16 if backend == "triton" else torch.float32
     if requested not in DTYPES:
         raise FfchatError(f"unknown dtype {requested!r}; choose one of: auto, {', '.join(DTYPES)}")
+    if backend == "triton" and DTYPES[requested] == torch.float32:
+        raise FfchatError("the triton backend computes in fp16 or bf16", hint="use --dtype bf16, or --backend reference")
     return DTYPES[requested]
 
 
@@ -103,10 +106,27 @@ def choose_context(
     return capped
 
 
-def choose_backend(requested: str) -> str:
+def choose_backend(requested: str, device: torch.device, config: ModelConfig, *, int4: bool) -> str:
+    """``auto``: the Triton backend on a CUDA GPU with INT4 weights it supports, else the reference engine."""
     if requested not in BACKENDS:
         raise FfchatError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
-    return "reference"
+    if requested == "reference" or (requested == "auto" and (device.type != "cuda" or not int4)):
+        return "reference"
+    from ffchat.triton_backend import (
+        unsupported_reason,  # imports Triton: only where it may run
+    )
+
+    reason = unsupported_reason(config)
+    if requested == "auto":
+        return "reference" if reason else "triton"
+    if reason:
+        raise FfchatError(f"the triton backend cannot run this model: {reason}", hint="use --backend reference")
+    if not int4:
+        raise FfchatError("the triton backend runs INT4 weights",
+                          hint="run `ffchat quantize MODEL` first (and leave out --fp16)")
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise FfchatError("the triton backend needs a CUDA GPU", hint="use --backend reference on the CPU")
+    return requested
 
 
 def load_weights(record: ModelRecord, dtype: torch.dtype, *, int4: bool) -> tuple[dict, str]:
@@ -121,13 +141,20 @@ def load_weights(record: ModelRecord, dtype: torch.dtype, *, int4: bool) -> tupl
     return load_state_dict(record, dtype=dtype), str(dtype).removeprefix("torch.")
 
 
-def load_backend(record: ModelRecord, choice: RuntimeChoice, state: dict):
-    """Build the chosen backend over the given weights."""
-    from ffchat.config import ModelConfig
+def load_backend(record: ModelRecord, choice: RuntimeChoice, *, int4: bool):
+    """Build the chosen backend over the record's weights; return (backend, a label for the weights)."""
+    if choice.backend == "triton":
+        from ffchat.shapes import stored_weights
+        from ffchat.triton_backend import TritonBackend
+
+        weights = stored_weights(record, int4=True, device=choice.device)
+        backend = TritonBackend(weights, choice.context_length, dtype=choice.dtype)
+        return backend, f"int4 {weights.quantizer} g{weights.group_size}"
     from ffchat.model import Transformer
     from ffchat.reference_backend import ReferenceBackend
 
+    state, label = load_weights(record, choice.dtype, int4=int4)
     config = ModelConfig.from_file(record.model_dir / "config.json")
     model = Transformer(config, choice.context_length, dtype=choice.dtype, device=choice.device)
     model.load_state_dict(state)
-    return ReferenceBackend(model)
+    return ReferenceBackend(model), label

@@ -56,6 +56,7 @@ class ChatSession:
 
     def ask(self, text: str) -> Iterator[str]:
         """Stream the answer to one user message; the exchange joins the history afterwards."""
+        self.last = None
         if self.raw:
             prompt = self.tokenizer.encode_raw(text)
             self._check_fits(prompt)

@@ -1,5 +1,9 @@
 """Batch-1 INT4 GEMV: y = W x (+ bias) (+ residual), fp32 accumulation; W4A16 default, W4A8 opt-in.
 
+W4A16 can also fuse an input RMSNorm (y = W rms_norm(x)) and a SwiGLU epilogue
+(y = silu(W_gate x + b_gate) * (W_up x + b_up) from one [2I, K] weight), so a decode
+layer's norm + gate/up + SiLU is one launch.
+
 Reads the version-1 layout of ``ffchat.quantize.layout``: ``qweight`` int32 [N, K // 8]
 (word j of a row holds k = 8j..8j+7, nibble i at bit ``8 * (i % 4) + 4 * (i // 4)``),
 fp16 ``scales`` and ``zeros`` [N, K // G], W ~ (q - z) * s.
@@ -19,6 +23,12 @@ the memory system busy while spending few instructions per weight):
 * Split-K (optional): every K-slice writes an fp32 partial, the last slice to arrive (per
   row block, counted with an atomic) sums the partials in slice order and runs the
   epilogue, so results are deterministic and one launch does everything.
+* Fused RMSNorm (``norm_weight``): every program first sums x^2 over all of K (x is small
+  and sits in L2), then normalizes x as it loads it, rounding like ``ffchat.model.rms_norm``;
+  X above is the sum of the normalized x.
+* Fused SwiGLU (``gated``): a program's tile holds gate row n and up row n + I interleaved
+  (rows n, n + I, n + 1, n + 1 + I, ...), so one x tile feeds both and the epilogue splits the
+  row sums into gate and up; the activations never leave registers.
 * W4A8 (``int4_gemv_w4a8``): x quantized to int8 per group, 4 products per ``dp4a``;
   faster still, at ~6e-3 relative error against fp16 activations.
 """
@@ -31,8 +41,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from ffchat.quantize.layout import check_packed, dequantize
 
-from ffchat.quantize.layout import dequantize
+from ffchat.model import rms_norm
 
 # Passed as run-time arguments, not constants: with one operand in the constant bank,
 # ptxas fuses (w & MASK) | ONE into a single LOP3 (two immediates cost two instructions).
@@ -42,7 +53,10 @@ ONE_F32 = 0x3F800000  # 1.0f; OR-ing q into MANTISSA_NIBBLE gives 1 + q/16
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """Launch parameters: tile of BLOCK_N rows x BLOCK_K inputs per iteration, K split in ``split_k`` slices."""
+    """Launch parameters: tile of BLOCK_N rows x BLOCK_K inputs per iteration, K split in ``split_k`` slices.
+
+    With ``gated`` BLOCK_N counts outputs: a program reads 2 * BLOCK_N weight rows (gate and up).
+    """
 
     block_n: int
     block_k: int
@@ -72,11 +86,21 @@ W4A8_CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
 )
 
 
-def pick_config(n: int, k: int, group_size: int, table=CONFIG_TABLE) -> GemvConfig:
-    """The table's config for (N, K), shrunk so a block never exceeds the problem."""
+def pick_config(n: int, k: int, group_size: int, table=CONFIG_TABLE, *, gated: bool = False) -> GemvConfig:
+    """The table's config for N weight rows x K inputs, shrunk so a block never exceeds the problem.
+
+    ``gated``: N = 2I rows ([gate; up]) give I outputs. The row is looked up with all 2I rows (the
+    bytes streamed are those of an ungated [2I, K] GEMV) and block_n is halved, because a gated
+    program reads 2 * block_n rows: the tile, registers and grid stay those tuned for [2I, K].
+    Untuned guess; sweep it on the GPU.
+    """
     cfg = next(c for max_n, max_k, c in table if n <= max_n and k <= max_k)
     block_k = max(group_size, min(cfg.block_k, triton.next_power_of_2(k)))
-    block_n = min(cfg.block_n, triton.next_power_of_2(n))
+    if gated:
+        n //= 2
+        block_n = max(1, min(cfg.block_n // 2, triton.next_power_of_2(n)))
+    else:
+        block_n = min(cfg.block_n, triton.next_power_of_2(n))
     split_k = max(1, min(cfg.split_k, triton.cdiv(k, block_k)))
     return GemvConfig(block_n, block_k, cfg.num_warps, cfg.num_stages, split_k)
 
@@ -105,31 +129,56 @@ def _x_planes(x8, COLS: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(y, rows, row_ok, bias_ptr, res_ptr, out_ptr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-    """Add bias and residual in fp32, cast to the output dtype, store."""
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if HAS_RES:
-        y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+def _epilogue(y, rows, row_ok, N, bias_ptr, res_ptr, out_ptr,
+              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add bias and residual in fp32, cast to the output dtype, store.
+
+    GATED: y holds BLOCK_N (gate, up) pairs; output silu(gate + b[n]) * (up + b[n + N]) in fp32.
+    """
+    if GATED:
+        gate, up = tl.split(tl.reshape(y, (BLOCK_N, 2)))
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        if HAS_BIAS:
+            gate += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            up += tl.load(bias_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = gate * tl.sigmoid(gate) * up
+    else:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if HAS_RES:
+            y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
 def _finish(y, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
-            SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
-    """Epilogue directly, or (split-K) publish this slice's partial and let the last slice to arrive sum them."""
+            SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+            GATED: tl.constexpr = False, BLOCK_N: tl.constexpr = 1):
+    """Epilogue directly, or (split-K) publish this slice's partial and let the last slice to arrive sum them.
+
+    GATED: y is the program's 2 * BLOCK_N interleaved (gate, up) row sums; the partials of row
+    block b sit at [2 * BLOCK_N * b, 2 * BLOCK_N * (b + 1)) of a 2N-wide slice.
+    """
+    if GATED:
+        part_rows = tl.program_id(0) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
+        part_width = 2 * N
+    else:
+        part_rows = rows
+        part_width = N
     if SPLITS > 1:
-        tl.store(part_ptr + tl.program_id(1) * N + rows, y, mask=row_ok)
+        tl.store(part_ptr + tl.program_id(1) * part_width + part_rows, y, mask=row_ok)
         tl.debug_barrier()  # every thread's partial is written before the release below
         arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
         if arrived == SPLITS - 1:
             total = tl.zeros_like(y)
             for k_slice in tl.static_range(SPLITS):  # fixed order: deterministic sums
-                total += tl.load(part_ptr + k_slice * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-            _epilogue(total, rows, row_ok, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES)
+                total += tl.load(part_ptr + k_slice * part_width + part_rows, mask=row_ok, other=0.0,
+                                 cache_modifier=".cg")
+            _epilogue(total, rows, row_ok, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
             tl.atomic_xchg(count_ptr + tl.program_id(0), 0)  # ready for the next launch (and graph replay)
     else:
-        _epilogue(y, rows, row_ok, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES)
+        _epilogue(y, rows, row_ok, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
 @triton.jit
@@ -147,17 +196,38 @@ def _load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, tile_ok, WORDS: tl.cons
 
 
 @triton.jit
+def _rms_rstd(x_ptr, K, eps, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr):
+    """rsqrt(mean(x^2) + eps) over all K inputs, in fp32 (NORM_CHUNKS blocks of NORM_BLOCK, masked)."""
+    offs = tl.arange(0, NORM_BLOCK)
+    sq = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
+    for c in range(NORM_CHUNKS):
+        v = tl.load(x_ptr + c * NORM_BLOCK + offs, mask=c * NORM_BLOCK + offs < K, other=0.0).to(tl.float32)
+        sq += v * v
+    return tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+
+
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
-    N, K, nibble_mask, one,
+    N, K, nibble_mask, one, nw_ptr, eps,
     CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr, GATED: tl.constexpr,
 ):
+    """N outputs (GATED: N = I, weight rows [gate; up] = 2N); nw_ptr/eps are read only with NORM."""
     GROUPS: tl.constexpr = BLOCK_K // G  # groups per tile
     WORDS: tl.constexpr = G // 8  # int32 words per group
     COLS: tl.constexpr = BLOCK_K // 8  # words per tile row
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    if GATED:  # tile row 2i is gate row n = first + i, tile row 2i + 1 is up row n + N
+        TILE_N: tl.constexpr = 2 * BLOCK_N
+        r = tl.arange(0, TILE_N)
+        out_rows = tl.program_id(0) * BLOCK_N + r // 2
+        rows = out_rows + (r % 2) * N
+        row_ok = out_rows < N
+    else:
+        TILE_N: tl.constexpr = BLOCK_N
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
     col = tl.arange(0, COLS)
     grp = tl.arange(0, GROUPS)
     words_per_row = K // 8
@@ -167,8 +237,10 @@ def _int4_gemv_kernel(
     w_offs = rows[:, None] * tl.multiple_of(words_per_row, W_ALIGN) + col[None, :]
     x_offs = col[:, None] * 8 + tl.arange(0, 8)[None, :]
     sz_offs = rows[:, None] * groups_per_row + grp[None, :]
+    if NORM:  # the whole vector's statistic first: every program needs it for its first tile
+        rstd = _rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS)
 
-    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    acc = tl.zeros((TILE_N, GROUPS), dtype=tl.float32)
     for c in range(CHUNKS):  # a constexpr trip count: the interpreter cannot loop to a runtime scalar
         g0 = (tl.program_id(1) * CHUNKS + c) * GROUPS  # chunks past K are fully masked (EVEN is off)
         if EVEN:
@@ -176,6 +248,8 @@ def _int4_gemv_kernel(
             s = tl.load(s_ptr + sz_offs + g0)
             z = tl.load(z_ptr + sz_offs + g0)
             x8 = tl.load(x_ptr + x_offs + g0 * G)
+            if NORM:
+                nw = tl.load(nw_ptr + x_offs + g0 * G)
         else:
             col_ok = (g0 * WORDS + col) < words_per_row
             tile_ok = row_ok[:, None] & ((g0 + grp) < groups_per_row)[None, :]
@@ -184,6 +258,12 @@ def _int4_gemv_kernel(
             s = tl.load(s_ptr + sz_offs + g0, mask=tile_ok, other=0.0)
             z = tl.load(z_ptr + sz_offs + g0, mask=tile_ok, other=0.0)
             x8 = tl.load(x_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
+            if NORM:
+                nw = tl.load(nw_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
+        if NORM:  # as ffchat.model.rms_norm: x * rstd rounded to x's dtype, times the weight, rounded
+            x_dtype = x_ptr.dtype.element_ty
+            x8 = (x8.to(tl.float32) * rstd).to(x_dtype).to(tl.float32)
+            x8 = (x8 * nw.to(tl.float32)).to(x_dtype)
         x8 = x8.to(tl.float32)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x8, COLS)
         t = _nibble_plane(w, 0, nibble_mask, one) * x0[None, :]
@@ -194,11 +274,11 @@ def _int4_gemv_kernel(
         t += _nibble_plane(w, 12, nibble_mask, one) * x5[None, :]
         t += _nibble_plane(w, 20, nibble_mask, one) * x6[None, :]
         t += _nibble_plane(w, 28, nibble_mask, one) * x7[None, :]
-        t_group = tl.sum(tl.reshape(t, (BLOCK_N, GROUPS, WORDS)), axis=2)
-        x_group = tl.sum(tl.reshape(tl.sum(x8, axis=1), (GROUPS, WORDS)), axis=1)
+        t_group = tl.sum(tl.reshape(t, (TILE_N, GROUPS, WORDS)), axis=2)
+        x_group = tl.sum(tl.reshape(tl.sum(x8, axis=1), (GROUPS, WORDS)), axis=1)  # of the normalized x
         acc += s.to(tl.float32) * (16.0 * t_group - (16.0 + z.to(tl.float32)) * x_group[None, :])
     _finish(tl.sum(acc, axis=1), rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
-            SPLITS, HAS_BIAS, HAS_RES)
+            SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
 @triton.jit
@@ -279,32 +359,40 @@ def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
     return counters
 
 
-def _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out) -> tuple[int, int]:
+def _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, *, gated=False,
+                  norm_weight=None) -> tuple[int, int]:
+    """(outputs, K): N, or I = N / 2 with ``gated``."""
     if x.dim() != 1 or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"x must be a 1-D fp16/bf16 vector, got {tuple(x.shape)} {x.dtype}")
-    if qweight.dim() != 2 or qweight.dtype != torch.int32:
-        raise ValueError(f"qweight must be int32 [N, K // 8], got {tuple(qweight.shape)} {qweight.dtype}")
-    n, k = qweight.shape[0], qweight.shape[1] * 8
+    n, k = check_packed(qweight, scales, zeros, group_size)
     if x.numel() != k:
         raise ValueError(f"x has {x.numel()} elements, qweight expects K={k}")
-    if group_size < 8 or group_size & (group_size - 1) or k % group_size:
-        raise ValueError(f"group size {group_size} must be a power of two >= 8 dividing K={k}")
-    for name, t in (("scales", scales), ("zeros", zeros)):
-        if tuple(t.shape) != (n, k // group_size):
-            raise ValueError(f"{name} must be [{n}, {k // group_size}], got {tuple(t.shape)}")
-    for name, t in (("bias", bias), ("residual", residual)):
-        if t is not None and tuple(t.shape) != (n,):
-            raise ValueError(f"{name} must be [{n}], got {tuple(t.shape)}")
-    if out is not None and (tuple(out.shape) != (n,) or out.dtype != x.dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous [{n}] {x.dtype} tensor")
-    tensors = [t for t in (x, qweight, scales, zeros, bias, residual, out) if t is not None]
+    n_out = n
+    if gated:
+        if n % 2:
+            raise ValueError(f"gated needs [gate; up] weight rows (an even N), got N={n}")
+        if residual is not None:
+            raise ValueError("residual cannot be combined with gated (the SwiGLU output is a new activation)")
+        n_out = n // 2
+    for name, t, rows in (("bias", bias, n), ("residual", residual, n_out)):
+        if t is not None and tuple(t.shape) != (rows,):
+            raise ValueError(f"{name} must be [{rows}], got {tuple(t.shape)}")
+    if norm_weight is not None and (tuple(norm_weight.shape) != (k,) or not norm_weight.is_floating_point()):
+        raise ValueError(f"norm_weight must be a float [{k}] vector, got {tuple(norm_weight.shape)} {norm_weight.dtype}")
+    if out is not None and (tuple(out.shape) != (n_out,) or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [{n_out}] {x.dtype} tensor")
+    tensors = [t for t in (x, qweight, scales, zeros, bias, residual, norm_weight, out) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError("all tensors must be on one device")
-    return n, k
+    return n_out, k
 
 
-def _launch(kernel, inputs, n, k, group_size, cfg, bias, residual, out, dtype, device, extra_args=(), **extra):
-    """Shared launcher: grid of (row blocks, K slices), workspace for split-K, dummy pointers for absent tensors."""
+def _launch(kernel, inputs, n, k, group_size, cfg, bias, residual, out, dtype, device, extra_args=(), part_rows=None,
+            **extra):
+    """Shared launcher: grid of (row blocks, K slices), workspace for split-K, dummy pointers for absent tensors.
+
+    n is the number of outputs; ``part_rows`` (default n) the width of a split-K partial.
+    """
     if cfg.block_k % group_size:
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of the group size {group_size}")
     if out is None:
@@ -314,7 +402,7 @@ def _launch(kernel, inputs, n, k, group_size, cfg, bias, residual, out, dtype, d
     num_splits = triton.cdiv(chunks, chunks_per_split)
     row_blocks = triton.cdiv(n, cfg.block_n)
     split = num_splits > 1
-    partials = torch.empty((num_splits, n), dtype=torch.float32, device=device) if split else out
+    partials = torch.empty((num_splits, part_rows or n), dtype=torch.float32, device=device) if split else out
     counters = _arrival_counters(device, row_blocks) if split else out
     kernel[(row_blocks, num_splits)](
         *inputs,
@@ -341,16 +429,31 @@ def int4_gemv(
     residual: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    gated: bool = False,
 ) -> torch.Tensor:
     """y[N] = dequant(W) @ x (+ bias) (+ residual) in x's dtype; ``config`` overrides the tuning table.
 
+    ``norm_weight`` [K]: use ``ffchat.model.rms_norm(x, norm_weight, norm_eps)`` as the input.
+    ``gated``: W is [2I, K] = [gate rows; up rows] (scales, zeros, bias likewise [2I, ...]) and
+    y[I] = silu(gate x + b_gate) * (up x + b_up), in fp32, rounded once; no ``residual``.
     Split-K launches share per-device counters: launch them from one stream at a time.
     """
-    n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out)
-    cfg = config or pick_config(n, k, group_size)
+    n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
+                         norm_weight=norm_weight)
+    cfg = config or pick_config(qweight.shape[0], k, group_size, gated=gated)
     inputs = tuple(t.contiguous() for t in (x, qweight, scales, zeros))
+    if norm_weight is not None:
+        norm_block = min(triton.next_power_of_2(k), 4096)  # one pass for K <= 4096: few serial L2 round trips
+        norm = {"NORM": True, "NORM_BLOCK": norm_block, "NORM_CHUNKS": triton.cdiv(k, norm_block)}
+        norm_args = (norm_weight.contiguous(), float(norm_eps))
+    else:  # fixed values, so the plain kernel is compiled once whatever K is
+        norm = {"NORM": False, "NORM_BLOCK": 1, "NORM_CHUNKS": 0}
+        norm_args = (inputs[0], 0.0)
     return _launch(_int4_gemv_kernel, inputs, n, k, group_size, cfg, bias, residual, out, x.dtype, x.device,
-                   extra_args=(MANTISSA_NIBBLE, ONE_F32))
+                   extra_args=(MANTISSA_NIBBLE, ONE_F32) + norm_args, part_rows=qweight.shape[0],
+                   GATED=gated, **norm)
 
 
 def int4_gemv_reference(
@@ -362,9 +465,23 @@ def int4_gemv_reference(
     *,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    gated: bool = False,
 ) -> torch.Tensor:
-    """Plain torch: dequantize to fp32, matmul in fp32, add bias/residual, cast to x's dtype."""
-    y = dequantize(qweight, scales, zeros, group_size) @ x.float()
+    """Plain torch: [rms_norm,] dequantize to fp32, matmul in fp32, epilogue in fp32, cast to x's dtype.
+
+    The epilogue adds bias/residual, or with ``gated`` returns silu(gate + b_gate) * (up + b_up).
+    """
+    if gated and residual is not None:
+        raise ValueError("residual cannot be combined with gated")
+    x_in = x if norm_weight is None else rms_norm(x, norm_weight, norm_eps).to(x.dtype)
+    y = dequantize(qweight, scales, zeros, group_size) @ x_in.float()
+    if gated:
+        if bias is not None:
+            y = y + bias.float()
+        gate, up = y.chunk(2)
+        return (torch.nn.functional.silu(gate) * up).to(x.dtype)
     return _add_and_cast(y, bias, residual, x.dtype)
 
 

@@ -19,13 +19,24 @@ from typing import Any, Callable
 
 import torch
 import yaml
+from ffchat.quantize.layout import (
+    LAYOUT_VERSION,
+    NIBBLES_PER_WORD,
+    choose_group_size,
+    dequantize,
+)
+from ffchat.quantize.methods import (
+    DEFAULT_METHOD,
+    default_device,
+    get_method,
+    quantize_linear,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ffchat import __version__
 from ffchat.errors import FfchatError
-from ffchat.quantize.layout import LAYOUT_VERSION, NIBBLES_PER_WORD, choose_group_size, dequantize
-from ffchat.quantize.methods import DEFAULT_METHOD, default_device, get_method, quantize_linear
+from ffchat.store import replace_directory
 
 MODEL_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.yaml"
@@ -62,22 +73,34 @@ def quantize_state_dict(
     keep_head_fp16: bool = False,
     progress: Callable[[str], None] | None = None,
     device: torch.device | str | None = None,
+    importance: dict[str, torch.Tensor] | None = None,
+    exact: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Quantize every block linear and the LM head; return (artifact tensors, manifest fields).
 
     ``device`` defaults to the GPU when there is one; the result is on the CPU.
     ``progress(name)`` is called after each INT4 tensor (``len(int4_targets(...))`` of them).
+    ``importance``: INT4 name -> mean square input activations, for calibrated methods.
+    ``exact``: state-dict key -> (qweight, scales, zeros) already in the layout (a GGUF's
+    Q4 blocks); used as they are wherever their group size is the one chosen for that
+    tensor, and listed in the manifest's ``exact``.
     """
     get_method(method)
     device = device if device is not None else default_device()
+    importance, exact = importance or {}, exact or {}
     targets = int4_targets(state_dict, keep_head_fp16=keep_head_fp16)
     replaced = {f"{name}.weight" for name in targets}
     tensors = {key: _as_stored(value) for key, value in state_dict.items() if key not in replaced}
-    group_sizes = {}
+    group_sizes, kept = {}, []
     for name, key in targets.items():
         weight = state_dict[key]
         group_sizes[name] = choose_group_size(weight.shape[1], group_size)
-        parts = quantize_linear(weight, group_sizes[name], method=method, device=device)
+        parts = exact.get(key)
+        if fits_exactly(parts, weight, group_size):
+            kept.append(name)
+        else:
+            parts = quantize_linear(weight, group_sizes[name], method=method, device=device,
+                                    importance=importance.get(name))
         tensors.update({f"{name}.{part}": value for part, value in zip(INT4_PARTS, parts)})
         if progress is not None:
             progress(name)
@@ -91,7 +114,15 @@ def quantize_state_dict(
     differing = {name: g for name, g in group_sizes.items() if g != group_size}
     if differing:
         info["group_sizes"] = differing
+    if kept:
+        info["exact"] = kept
     return tensors, info
+
+
+def fits_exactly(parts: tuple | None, weight: torch.Tensor, group_size: int) -> bool:
+    """Whether precomputed (qweight, scales, zeros) exist with the group size ``weight`` gets at ``group_size``."""
+    k = weight.shape[1]
+    return parts is not None and k // parts[1].shape[1] == choose_group_size(k, group_size)
 
 
 def _head_kind(state_dict: dict[str, torch.Tensor], targets: dict[str, str]) -> str:
@@ -165,7 +196,7 @@ def write_artifact(directory: Path, quantized: dict[str, torch.Tensor], manifest
     try:
         save_file(_unshared(quantized), staging / MODEL_FILE, metadata={"format": "pt"})
         (staging / MANIFEST_FILE).write_text(yaml.safe_dump(manifest, sort_keys=False))
-        _replace(staging, directory)
+        replace_directory(staging, directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -181,17 +212,6 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = tensor.clone() if pointer in seen else tensor
         seen.add(pointer)
     return out
-
-
-def _replace(staging: Path, final: Path) -> None:
-    """Rename ``staging`` to ``final``; an old ``final`` is moved aside first and then deleted."""
-    if not final.exists():
-        staging.rename(final)
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.trash-", dir=final.parent))
-    final.rename(trash / "old")
-    staging.rename(final)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def read_artifact(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

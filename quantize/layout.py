@@ -74,6 +74,19 @@ def dequantize(
     return w.view(n, k).to(dtype)
 
 
+def check_packed(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> tuple[int, int]:
+    """(N, K) of a layout-v1 weight, or ValueError naming what a kernel launcher was handed wrong."""
+    if qweight.dim() != 2 or qweight.dtype != torch.int32:
+        raise ValueError(f"qweight must be int32 [N, K // 8], got {tuple(qweight.shape)} {qweight.dtype}")
+    n, k = qweight.shape[0], qweight.shape[1] * NIBBLES_PER_WORD
+    if group_size < 8 or group_size & (group_size - 1) or k % group_size:
+        raise ValueError(f"group size {group_size} must be a power of two >= 8 dividing K={k}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if tuple(t.shape) != (n, k // group_size):
+            raise ValueError(f"{name} must be [{n}, {k // group_size}], got {tuple(t.shape)}")
+    return n, k
+
+
 def choose_group_size(k: int, preferred: int = 128) -> int:
     """The largest group size <= ``preferred`` from 128, 64, 32, 16, 8 that divides K.
 

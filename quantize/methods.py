@@ -1,21 +1,25 @@
 """The quantization methods by name, and one linear weight quantized into the layout.
 
 Each method maps W [N, K] to (q uint8 [N, K], scales fp16, zeros fp16) on W's
-device; ``quantize_linear`` feeds it row chunks (bounding memory for a 128k-row
-LM head), packs the codes and collects the result on the CPU.
+device; a method in ``CALIBRATED`` also takes the inputs' mean square
+activations (``quantize.calibrate``). ``quantize_linear`` feeds it row chunks
+(bounding memory for a 128k-row LM head), packs the codes and collects the
+result on the CPU.
 """
 
 from __future__ import annotations
 
 import torch
-
-from ffchat.errors import FfchatError
-from ffchat.quantize.hqq import quantize_hqq
 from ffchat.quantize.layout import NIBBLES_PER_WORD, pack_int4
 from ffchat.quantize.rtn import quantize_rtn
+from ffchat.quantize.wmse import quantize_wmse
 
-METHODS = {"rtn": quantize_rtn, "hqq": quantize_hqq}
-DEFAULT_METHOD = "hqq"
+from ffchat.errors import FfchatError
+
+METHODS = {"rtn": quantize_rtn, "wmse": quantize_wmse}
+DEFAULT_METHOD = "wmse"
+# Methods that weigh errors by activation statistics (without them: the plain squared error).
+CALIBRATED = {"wmse"}
 
 # Elements per row chunk: a few arrays of this size stay in a CPU's L2/L3
 # cache; a GPU needs big chunks to keep its cores busy.
@@ -31,7 +35,7 @@ def get_method(name: str):
 
 
 def default_device() -> torch.device:
-    """Quantize on the GPU when there is one: HQQ is elementwise work it does in seconds."""
+    """Quantize on the GPU when there is one: the methods are elementwise work it does in seconds."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -41,10 +45,15 @@ def quantize_linear(
     *,
     method: str = DEFAULT_METHOD,
     device: torch.device | str | None = None,
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize W [N, K] on ``device`` (default: W's) -> CPU (qweight int32 [N, K // 8], scales, zeros fp16 [N, K // G])."""
+    """Quantize W [N, K] on ``device`` (default: W's) -> CPU (qweight int32 [N, K // 8], scales, zeros fp16 [N, K // G]).
+
+    ``importance`` [K] (mean square input activations) is used by ``CALIBRATED`` methods only.
+    """
     quantize = get_method(method)
     device = torch.device(device) if device is not None else w.device
+    extra = {"importance": importance.to(device)} if method in CALIBRATED and importance is not None else {}
     n, k = w.shape
     qweight = torch.empty(n, k // NIBBLES_PER_WORD, dtype=torch.int32)
     scales = torch.empty(n, k // group_size, dtype=torch.float16)
@@ -52,7 +61,7 @@ def quantize_linear(
     rows = max(1, CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"]) // k)
     for start in range(0, n, rows):
         chunk = w[start : start + rows].to(device=device, dtype=torch.float32)
-        q, s, z = quantize(chunk, group_size)
+        q, s, z = quantize(chunk, group_size, **extra)
         qweight[start : start + rows] = pack_int4(q).cpu()
         scales[start : start + rows] = s.cpu()
         zeros[start : start + rows] = z.cpu()

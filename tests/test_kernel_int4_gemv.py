@@ -16,27 +16,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ffchat.kernels import int4_gemv as gemv  # noqa: E402
-from ffchat.quantize.layout import pack_int4  # noqa: E402
+from ffchat.quantize.layout import dequantize, pack_int4  # noqa: E402
+from kernel_helpers import random_int4, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # output rounding: fp16 ~5e-4, bf16 ~4e-3
 
 
 def make_weights(n: int, k: int, group: int, seed: int):
-    """Fresh random codes, scales and fractional zeros in the version-1 layout."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randint(0, 16, (n, k), generator=gen)
-    scales = (torch.rand(n, k // group, generator=gen) * 0.02 + 0.002).half()
-    zeros = (torch.rand(n, k // group, generator=gen) * 15).half()
-    return pack_int4(q).to(DEVICE), scales.to(DEVICE), zeros.to(DEVICE)
+    return random_int4(n, k, group, seed, DEVICE)
 
 
 def rand(shape, dtype, seed):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def test_interpreter_is_active_without_cuda():
@@ -179,3 +171,157 @@ def test_w4a8_reuses_a_quantized_activation_and_stays_near_w4a16():
     y = gemv.int4_gemv_w4a8(x, qweight, scales, zeros, group, act=act)
     assert rel_err(y, gemv.int4_gemv_w4a8_reference(x, qweight, scales, zeros, group)) < TOL[torch.float16]
     assert rel_err(y, gemv.int4_gemv_reference(x, qweight, scales, zeros, group)) < 2e-2  # the int8 price
+
+
+# --- Fusions (W4A16): input RMSNorm (norm_weight) and SwiGLU (gated: [gate; up] rows) ---
+
+
+def norm_inputs(k: int, dtype, seed: int):
+    """x far from unit RMS (so a missing norm shows) and a norm weight around 1."""
+    x = rand(k, dtype, seed) * 3 + 0.5
+    norm_weight = (torch.rand(k, generator=torch.Generator().manual_seed(seed + 1)) + 0.5).to(DEVICE, dtype)
+    return x, norm_weight
+
+
+@pytest.mark.parametrize("n, k, group", [(6, 64, 16), (6, 96, 32), (5, 160, 32)])
+def test_norm_matches_reference(n, k, group):
+    qweight, scales, zeros = make_weights(n, k, group, seed=100 + k + group)
+    x, norm_weight = norm_inputs(k, torch.float16, seed=k)
+    out = torch.full((n,), float("nan"), dtype=torch.float16, device=DEVICE)
+    y = gemv.int4_gemv(x, qweight, scales, zeros, group, norm_weight=norm_weight, out=out)
+    assert y.data_ptr() == out.data_ptr() and torch.isfinite(y).all()
+    ref = gemv.int4_gemv_reference(x, qweight, scales, zeros, group, norm_weight=norm_weight)
+    assert rel_err(y, ref) < TOL[torch.float16]
+    # The same as normalizing first (ffchat.model.rms_norm), and clearly not the un-normalized product.
+    normed = gemv.rms_norm(x, norm_weight, 1e-6)
+    assert rel_err(y, gemv.int4_gemv_reference(normed, qweight, scales, zeros, group)) < TOL[torch.float16]
+    assert rel_err(y, gemv.int4_gemv_reference(x, qweight, scales, zeros, group)) > 0.1
+
+
+def test_norm_eps_is_used():
+    """A tiny x makes eps dominate mean(x^2): a kernel ignoring norm_eps would be far off."""
+    n, k, group = 6, 64, 32
+    qweight, scales, zeros = make_weights(n, k, group, seed=5)
+    x, norm_weight = norm_inputs(k, torch.float16, seed=6)
+    x = x * 0.01
+    y = gemv.int4_gemv(x, qweight, scales, zeros, group, norm_weight=norm_weight, norm_eps=1e-2)
+    ref = gemv.int4_gemv_reference(x, qweight, scales, zeros, group, norm_weight=norm_weight, norm_eps=1e-2)
+    assert rel_err(y, ref) < TOL[torch.float16]
+    default_eps = gemv.int4_gemv_reference(x, qweight, scales, zeros, group, norm_weight=norm_weight)
+    assert rel_err(ref, default_eps) > 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("i, k, group", [(5, 64, 16), (5, 160, 32)])
+def test_gated_matches_reference(i, k, group, with_bias, dtype):
+    qweight, scales, zeros = make_weights(2 * i, k, group, seed=200 + k + group)
+    x = rand(k, dtype, seed=k + 1) * 4
+    bias = rand(2 * i, dtype, seed=3) if with_bias else None
+    out = torch.full((i,), float("nan"), dtype=dtype, device=DEVICE)
+    y = gemv.int4_gemv(x, qweight, scales, zeros, group, bias=bias, gated=True, out=out)
+    assert y.shape == (i,) and y.dtype == dtype and torch.isfinite(y).all()
+    ref = gemv.int4_gemv_reference(x, qweight, scales, zeros, group, bias=bias, gated=True)
+    assert rel_err(y, ref) < TOL[dtype]
+    # silu(gate) * up from the ungated kernel's two halves, as a second opinion.
+    both = gemv.int4_gemv_reference(x, qweight, scales, zeros, group, bias=bias).float()
+    assert rel_err(y, torch.nn.functional.silu(both[:i]) * both[i:]) < 2 * TOL[dtype]
+
+
+# Forced configs on the fused paths: partial row blocks, masked K tails, chunks past K, split-K.
+FUSED_FORCED = [
+    gemv.GemvConfig(block_n=2, block_k=32, num_warps=2, split_k=3),  # K=160: 5 chunks over 3 slices
+    gemv.GemvConfig(block_n=4, block_k=64, num_warps=4, split_k=2),  # K=160: 3 chunks, last one half past K
+    gemv.GemvConfig(block_n=1, block_k=256, num_warps=4),  # one chunk wider than K
+]
+
+
+def truncating_bf16_reference(x, qweight, scales, zeros, group, bias, norm_weight):
+    """norm + gated reference with every fp32 -> bf16 rounding done as the Triton interpreter does it.
+
+    The interpreter truncates fp32 -> bf16 casts (a GPU rounds to nearest); the kernel's two
+    roundings of the normalized x then shrink it by ~2^-9 each, a systematic error the plain
+    reference cannot absorb at bf16's tolerance.
+    """
+    def trunc(t):
+        return (t.float().view(torch.int32) & -65536).view(torch.float32)
+
+    x32 = x.float()
+    normed = trunc(trunc(x32 * torch.rsqrt(x32.pow(2).mean() + 1e-6)) * norm_weight.float())
+    y = dequantize(qweight, scales, zeros, group) @ normed + bias.float()
+    gate, up = y.chunk(2)
+    return trunc(torch.nn.functional.silu(gate) * up)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [None] + FUSED_FORCED, ids=lambda c: "table" if c is None else f"bn{c.block_n}-bk{c.block_k}-s{c.split_k}")
+def test_norm_and_gated_together(cfg, dtype):
+    """The decode layer's main use: RMSNorm + gate/up + SiLU in one launch."""
+    i, k, group = 5, 160, 32
+    qweight, scales, zeros = make_weights(2 * i, k, group, seed=300 + (cfg.block_k if cfg else 0))
+    x, norm_weight = norm_inputs(k, dtype, seed=17)
+    bias = rand(2 * i, dtype, seed=18)
+    out = torch.full((i,), float("nan"), dtype=dtype, device=DEVICE)
+    gemv.int4_gemv(x, qweight, scales, zeros, group, bias=bias, norm_weight=norm_weight, gated=True, out=out,
+                   config=cfg)
+    assert torch.isfinite(out).all()
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        ref = truncating_bf16_reference(x, qweight, scales, zeros, group, bias, norm_weight)
+    else:
+        ref = gemv.int4_gemv_reference(x, qweight, scales, zeros, group, bias=bias, norm_weight=norm_weight, gated=True)
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("cfg", FUSED_FORCED[:2], ids=lambda c: f"bn{c.block_n}-bk{c.block_k}-s{c.split_k}")
+def test_norm_with_split_k_bias_and_residual(cfg):
+    n, k, group = 7, 160, 16
+    qweight, scales, zeros = make_weights(n, k, group, seed=400 + cfg.split_k)
+    x, norm_weight = norm_inputs(k, torch.float16, seed=19)
+    bias, residual = rand(n, torch.float16, 20), rand(n, torch.float16, 21)
+    first = gemv.int4_gemv(x, qweight, scales, zeros, group, bias=bias, residual=residual, norm_weight=norm_weight,
+                           config=cfg)
+    ref = gemv.int4_gemv_reference(x, qweight, scales, zeros, group, bias=bias, residual=residual,
+                                   norm_weight=norm_weight)
+    assert rel_err(first, ref) < TOL[torch.float16]
+    again = gemv.int4_gemv(x, qweight, scales, zeros, group, bias=bias, residual=residual, norm_weight=norm_weight,
+                           config=cfg)
+    assert torch.equal(first, again), "split-K counters must be left at zero"
+
+
+def test_gated_split_k_is_deterministic():
+    i, k, group = 6, 96, 16
+    cfg = gemv.GemvConfig(block_n=4, block_k=32, num_warps=4, split_k=3)
+    qweight, scales, zeros = make_weights(2 * i, k, group, seed=23)
+    x = rand(k, torch.float16, 24)
+    first = gemv.int4_gemv(x, qweight, scales, zeros, group, gated=True, config=cfg)
+    second = gemv.int4_gemv(x, qweight, scales, zeros, group, gated=True, config=cfg)
+    assert torch.equal(first, second)
+    assert rel_err(first, gemv.int4_gemv_reference(x, qweight, scales, zeros, group, gated=True)) < TOL[torch.float16]
+
+
+def test_fused_inputs_are_checked():
+    qweight, scales, zeros = make_weights(10, 64, 32, seed=25)
+    x = rand(64, torch.float16, 26)
+    residual = rand(5, torch.float16, 27)
+    with pytest.raises(ValueError, match="residual"):
+        gemv.int4_gemv(x, qweight, scales, zeros, 32, gated=True, residual=residual)
+    with pytest.raises(ValueError, match="residual"):
+        gemv.int4_gemv_reference(x, qweight, scales, zeros, 32, gated=True, residual=residual)
+    odd = make_weights(5, 64, 32, seed=28)
+    with pytest.raises(ValueError, match="even N"):
+        gemv.int4_gemv(x, *odd, 32, gated=True)
+    with pytest.raises(ValueError, match="bias"):  # gated bias covers both halves: [2I]
+        gemv.int4_gemv(x, qweight, scales, zeros, 32, gated=True, bias=rand(5, torch.float16, 29))
+    with pytest.raises(ValueError, match="out"):
+        gemv.int4_gemv(x, qweight, scales, zeros, 32, gated=True, out=torch.empty(10, dtype=torch.float16, device=DEVICE))
+    with pytest.raises(ValueError, match="norm_weight"):
+        gemv.int4_gemv(x, qweight, scales, zeros, 32, norm_weight=rand(32, torch.float16, 30))
+
+
+def test_pick_config_for_gated_halves_block_n():
+    """A gated program reads 2 * block_n rows: the same tile as the ungated table row for all 2I rows."""
+    for rows, k in ((16384, 2048), (28672, 4096), (4096, 4096)):
+        plain, gated = gemv.pick_config(rows, k, 128), gemv.pick_config(rows, k, 128, gated=True)
+        assert gated.block_n * 2 == plain.block_n and gated.block_k == plain.block_k
+    assert gemv.pick_config(10, 64, 32, gated=True).block_n <= 8  # I = 5
+    assert gemv.pick_config(2, 64, 32, gated=True).block_n == 1

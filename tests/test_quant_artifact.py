@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 from types import SimpleNamespace
 
+import ffchat.quantize.artifact as artifact
 import pytest
 import torch
 import yaml
+from ffchat.quantize.layout import LAYOUT_VERSION
 from safetensors.torch import load_file, save_file
 
-import ffchat.quantize.artifact as artifact
 from ffchat.errors import FfchatError
-from ffchat.quantize.layout import LAYOUT_VERSION
 
 SOURCE = {"repo": "test/tiny", "commit": "0" * 40}
 
@@ -54,7 +54,36 @@ def test_untied_head_can_stay_fp16_and_biases_are_kept(tiny_model_dir):
     # hidden 64 -> groups of 64; FFN 160 -> 32 (down_proj's K)
     assert info["group_sizes"]["model.layers.1.self_attn.q_proj"] == 64
     assert info["group_sizes"]["model.layers.1.mlp.down_proj"] == 32
-    assert info["method"] == "hqq"
+    assert info["method"] == "wmse" and "exact" not in info
+
+
+def test_exact_parts_are_kept_where_their_group_size_is_chosen(tiny_model_dir):
+    """Precomputed layout parts (a GGUF's Q4 blocks) are stored as they are at their group size, re-fitted otherwise."""
+    state = tiny_state(tiny_model_dir, "llama")
+    key = "model.layers.0.mlp.up_proj.weight"  # [160, 64]
+    marker = (torch.full((160, 8), 0x11111111, dtype=torch.int32), torch.full((160, 2), 0.5, dtype=torch.float16),
+              torch.full((160, 2), 3.0, dtype=torch.float16))
+    tensors, info = artifact.quantize_state_dict(state, group_size=32, exact={key: marker}, device="cpu")
+    assert info["exact"] == ["model.layers.0.mlp.up_proj"]
+    assert all(torch.equal(tensors[f"model.layers.0.mlp.up_proj.{part}"], value)
+               for part, value in zip(artifact.INT4_PARTS, marker))
+    tensors, info = artifact.quantize_state_dict(state, group_size=64, exact={key: marker}, device="cpu")
+    assert "exact" not in info and tensors["model.layers.0.mlp.up_proj.scales"].shape == (160, 1)
+
+
+def test_importance_reaches_the_method(tiny_model_dir):
+    """Statistics given by INT4 name change that tensor's result, and only under a calibrated method."""
+    state = tiny_state(tiny_model_dir, "llama")
+    skewed = torch.ones(64)
+    skewed[:4] = 1000.0
+    importance = {"model.layers.0.self_attn.q_proj": skewed}
+    plain = artifact.quantize_state_dict(state, device="cpu")[0]
+    weighted = artifact.quantize_state_dict(state, importance=importance, device="cpu")[0]
+    changed = {k for k in plain if not torch.equal(plain[k], weighted[k])}
+    assert changed and all(k.startswith("model.layers.0.self_attn.q_proj.") for k in changed)
+    rtn = artifact.quantize_state_dict(state, method="rtn", device="cpu")[0]
+    rtn_weighted = artifact.quantize_state_dict(state, method="rtn", importance=importance, device="cpu")[0]
+    assert all(torch.equal(rtn[k], rtn_weighted[k]) for k in rtn)
 
 
 def test_float32_tensors_that_overflow_fp16_are_stored_as_bf16():
@@ -89,8 +118,8 @@ def test_rewrite_replaces_the_old_artifact(tiny_model_dir, tmp_path):
     state = tiny_state(tiny_model_dir, "llama")
     target = tmp_path / "int4"
     artifact.write_artifact(target, *quantized(state, method="rtn"))
-    artifact.write_artifact(target, *quantized(state, method="hqq"))
-    assert artifact.read_artifact(target)[1]["method"] == "hqq"
+    artifact.write_artifact(target, *quantized(state, method="wmse"))
+    assert artifact.read_artifact(target)[1]["method"] == "wmse"
     assert [p.name for p in tmp_path.iterdir()] == ["int4"]
 
 
@@ -118,7 +147,7 @@ def test_failed_rewrite_keeps_the_old_artifact(tiny_model_dir, tmp_path, monkeyp
 
     monkeypatch.setattr(artifact.yaml, "safe_dump", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        artifact.write_artifact(target, *quantized(state, method="hqq"))
+        artifact.write_artifact(target, *quantized(state, method="wmse"))
     monkeypatch.undo()
     assert artifact.read_artifact(target)[1]["method"] == "rtn"
     assert [p.name for p in tmp_path.iterdir()] == ["int4"]

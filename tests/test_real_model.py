@@ -10,7 +10,6 @@ import json
 import sys
 
 import pytest
-
 from cli_helpers import REPO, ffchat, ffchat_env
 
 pytestmark = pytest.mark.slow
@@ -69,6 +68,7 @@ def test_interactive_chat_in_a_terminal(smollm2):
         child.sendline("/set max_tokens 2000")
         child.expect_exact(">>> ")
         child.sendline("Write a very long story about a dragon and a knight.")
+        child.expect_exact("knight.")  # the terminal's echo of the message
         child.expect(r"\w+ \w+ \w+ \w+")  # the answer is streaming
         child.sendintr()
         child.expect_exact("(stopped)")

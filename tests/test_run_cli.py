@@ -58,6 +58,7 @@ def test_json_output_has_counts_and_timing(tiny):
     result = ffchat("run", "tiny", "--json", "-n", "7", "--seed", "1", "--device", "cpu", input="Hi")
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
+    assert (answer["model"], answer["backend"]) == ("tiny", "reference")
     assert answer["completion_tokens"] <= 7
     assert answer["prompt_tokens"] > 0
     assert answer["finish_reason"] in ("stop", "length")

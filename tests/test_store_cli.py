@@ -136,10 +136,10 @@ def test_rm_purge_deletes_the_hub_snapshot_unless_another_record_uses_it(tiny_mo
 
 
 def test_a_failed_save_leaves_no_record_and_no_stray_directories(monkeypatch, folder):
-    def fail(self, staging, final):
+    def fail(staging, final):
         raise OSError("disk full")
 
-    monkeypatch.setattr(Store, "_replace", fail)
+    monkeypatch.setattr("ffchat.store.replace_directory", fail)
     with pytest.raises(OSError, match="disk full"):
         pull_model(Store(), str(folder))
     assert Store().list() == []

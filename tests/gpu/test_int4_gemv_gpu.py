@@ -6,16 +6,11 @@ imported inside the tests, so collecting this file never decides Triton's interp
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from kernel_helpers import GPU_COMPILED, rel_err
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-    pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="TRITON_INTERPRET=1: kernels would not compile"),
-]
+pytestmark = GPU_COMPILED
 
 GROUP = 128
 SHAPES = [  # (N, K): Llama-3.2-1B q/o, k/v, gate|up, down, LM head; Llama-3.1-8B q/o, gate+up fused, down
@@ -38,10 +33,6 @@ def weights(n: int, k: int, seed: int):
     scales = (torch.rand(n, k // GROUP, device="cuda", generator=gen) * 0.01 + 0.001).half()
     zeros = (torch.rand(n, k // GROUP, device="cuda", generator=gen) * 15).half()
     return qweight, scales, zeros
-
-
-def rel_err(y, ref) -> float:
-    return ((y.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 @pytest.mark.parametrize("n, k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
@@ -97,3 +88,78 @@ def test_split_k_under_cuda_graph_replay(gemv):
         graph.replay()
         torch.cuda.synchronize()
         assert rel_err(out, gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP)) < 2e-3
+
+
+# --- Fused W4A16 paths: input RMSNorm (norm_weight) and SwiGLU (gated [gate; up] rows), bf16 ---
+
+FUSED_SPLIT_K = {"block_n": 4, "block_k": 1024, "num_warps": 4, "split_k": 2}
+
+
+def norm_inputs(k: int, seed: int):
+    """A bf16 residual-stream-like x (RMS far from 1) and a norm weight around 1."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    x = (torch.randn(k, device="cuda", generator=gen) * 3 + 0.2).bfloat16()
+    norm_weight = (torch.rand(k, device="cuda", generator=gen) + 0.5).bfloat16()
+    return x, norm_weight
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["llama", "qwen-bias"])
+def test_norm_qkv_llama_1b(gemv, with_bias):
+    """Input RMSNorm + fused q/k/v (N = 2048 + 2 * 512) of Llama-3.2-1B in one launch."""
+    from ffchat.model import rms_norm
+
+    n, k = 3072, 2048
+    qweight, scales, zeros = weights(n, k, seed=41)
+    x, norm_weight = norm_inputs(k, seed=42)
+    bias = torch.randn(n, device="cuda").bfloat16() if with_bias else None
+    out = torch.full((n,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    gemv.int4_gemv(x, qweight, scales, zeros, GROUP, bias=bias, norm_weight=norm_weight, norm_eps=1e-5, out=out)
+    assert torch.isfinite(out).all(), "some outputs were never written"
+    ref = gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, bias=bias, norm_weight=norm_weight, norm_eps=1e-5)
+    assert rel_err(out, ref) < 1.5e-2
+    unfused = gemv.int4_gemv(rms_norm(x, norm_weight, 1e-5), qweight, scales, zeros, GROUP, bias=bias)
+    assert rel_err(out, unfused) < 1.5e-2
+    split = gemv.int4_gemv(x, qweight, scales, zeros, GROUP, bias=bias, norm_weight=norm_weight, norm_eps=1e-5,
+                           config=gemv.GemvConfig(**FUSED_SPLIT_K))
+    assert rel_err(split, ref) < 1.5e-2
+
+
+@pytest.mark.parametrize("i, k", [(8192, 2048), (14336, 4096)], ids=["llama-1b", "llama-8b"])
+def test_norm_gated_mlp(gemv, i, k):
+    """post_attention_layernorm + gate/up + SiLU * up in one launch: weight [2I, K] = [gate; up]."""
+    qweight, scales, zeros = weights(2 * i, k, seed=i + k)
+    x, norm_weight = norm_inputs(k, seed=i)
+    out = torch.full((i,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    gemv.int4_gemv(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, norm_eps=1e-5, gated=True, out=out)
+    assert torch.isfinite(out).all(), "some outputs were never written"
+    ref = gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, norm_eps=1e-5, gated=True)
+    assert rel_err(out, ref) < 1.5e-2
+    again = gemv.int4_gemv(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, norm_eps=1e-5, gated=True)
+    assert torch.equal(out, again)
+    split = gemv.int4_gemv(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, norm_eps=1e-5, gated=True,
+                           config=gemv.GemvConfig(**FUSED_SPLIT_K))
+    assert rel_err(split, ref) < 1.5e-2
+
+
+def test_norm_gated_under_cuda_graph_replay(gemv):
+    """The fused MLP input op as a decode graph uses it: split-K counters and new x on every replay."""
+    i, k = 8192, 2048
+    qweight, scales, zeros = weights(2 * i, k, seed=7)
+    x, norm_weight = norm_inputs(k, seed=8)
+    out = torch.empty(i, device="cuda", dtype=torch.bfloat16)
+    cfg = gemv.GemvConfig(**FUSED_SPLIT_K)
+
+    def step():
+        gemv.int4_gemv(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, gated=True, out=out, config=cfg)
+
+    step()  # warm-up: compile, counters
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for seed in range(3):
+        x.copy_(norm_inputs(k, seed=100 + seed)[0])
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, gated=True)
+        assert rel_err(out, ref) < 1.5e-2

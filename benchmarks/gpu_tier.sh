@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU tier in one call of the device machine (repo root there; ffchat is not
+# installed, so two links stand in for the ffchat.kernels / ffchat.quantize mapping):
+#   1. the Triton backend against the reference engine (correctness first),
+#   2. `ffchat bench` on the three benchmark shapes, triton vs the torch-compile baseline,
+#   3. every other GPU test (kernels vs their references, the baseline's correctness).
+# Each step has its own time cap so one slow step cannot eat the lease; logs and the
+# bench JSON files go to $OUT (the device tool brings back at most 8 files).
+# Usage: bash benchmarks/gpu_tier.sh [STEPS] with STEPS a subset of "tests bench kernels".
+set -uo pipefail
+out=${OUT:-/tmp/ffchat-gpu}
+mkdir -p "$out"
+steps=${1:-tests bench kernels}
+ln -sfn ../kernels ffchat/kernels
+ln -sfn ../quantize ffchat/quantize
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+log="$out/gpu_tier.log"
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee -a "$log"
+if [[ $steps == *tests* ]]; then
+  timeout 240 python3 -m pytest -m gpu tests/gpu/test_triton_backend_gpu.py tests/gpu/test_run_gpu.py -q -rA 2>&1 | tee -a "$log"
+fi
+if [[ $steps == *bench* ]]; then
+  for shape in llama-3.2-1b qwen2.5-0.5b llama-3.1-8b; do
+    timeout 150 python3 -m ffchat bench --shape "$shape" --backends triton,torch-compile \
+      --contexts 128,512,2048 --json "$out/$shape.json" 2>&1 | tee -a "$log"
+  done
+fi
+if [[ $steps == *kernels* ]]; then
+  timeout 150 python3 -m pytest -m gpu tests/gpu -q --ignore tests/gpu/test_triton_backend_gpu.py --ignore tests/gpu/test_run_gpu.py 2>&1 \
+    | tee -a "$log"
+fi

@@ -1,0 +1,410 @@
+"""`ffchat bench`: every backend's decode and prefill speed against the bandwidth roofline, in one process.
+
+Batch-1 decode reads every weight once per token, so the yardstick is the
+roofline: the bytes a step must read (``shapes.decode_bytes``) over the GPU's
+copy bandwidth, measured in the same run. All backends run the same weights (a
+real shape with seeded random weights, or a stored model), and each speed is
+also a ratio to the torch-compile baseline measured beside it. Timing: CUDA
+events around each call, warm-up first, median of many.
+
+A backend is one ``BACKENDS`` entry: a function from (weights, context length)
+to an object implementing ``ffchat.backend.Backend``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from ffchat import __version__
+from ffchat.backend import Backend
+from ffchat.errors import FfchatError
+from ffchat.shapes import BenchWeights, random_weights, shape_config, stored_weights
+
+DEVICE = "cuda"
+COPY_BUFFER_BYTES = 1 << 30
+COPY_REPEATS = 20
+PREFILL_REPEATS = 5
+DEFAULT_SHAPE = "llama-3.2-1b"
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    build: Callable[[BenchWeights, int], Backend]  # (weights, context length) -> a ready backend
+    about: str
+
+
+def _reference(weights: BenchWeights, context_length: int) -> Backend:
+    from ffchat.model import Transformer
+    from ffchat.reference_backend import ReferenceBackend
+
+    model = Transformer(weights.config, context_length, dtype=torch.bfloat16, device=DEVICE)
+    model.load_state_dict(weights.reference_state_dict())
+    return ReferenceBackend(model)
+
+
+def _torch_compile(weights: BenchWeights, context_length: int) -> Backend:
+    from ffchat.bench_baseline import TorchCompileBackend
+
+    backend = TorchCompileBackend(weights, context_length)
+    backend.warm_up()  # compile time belongs to setup, not to the first timed step
+    return backend
+
+
+def _triton(weights: BenchWeights, context_length: int) -> Backend:
+    from ffchat.triton_backend import TritonBackend
+
+    return TritonBackend(weights, context_length)
+
+
+BACKENDS: dict[str, BackendEntry] = {
+    "reference": BackendEntry(_reference, "ffchat.model.Transformer, eager PyTorch, INT4 weights dequantized to bf16"),
+    "torch-compile": BackendEntry(_torch_compile, "gpt-fast recipe: static KV cache, torch.compile reduce-overhead "
+                                                  "(CUDA graphs), bf16 activations, tinygemm INT4"),
+    "triton": BackendEntry(_triton, "ffchat's fused Triton INT4 kernels, one CUDA graph per decode step"),
+}
+BASELINE = "torch-compile"
+
+
+@dataclass
+class BenchOptions:
+    model: str | None = None  # a stored model's name, or
+    shape: str | None = None  # a benchmark shape with random weights (the default)
+    backends: tuple[str, ...] = ("reference", BASELINE)
+    contexts: tuple[int, ...] = (128, 512, 2048)
+    prompt: int = 512
+    int4: bool = True
+    seed: int = 0
+    steps: int = 100
+    warmup: int = 10
+    json_path: Path | None = None
+
+
+def parse_backends(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in BACKENDS]
+    if unknown or not names:
+        raise FfchatError(f"unknown backend {', '.join(unknown) or '(none)'}; choose from {', '.join(BACKENDS)}")
+    return names
+
+
+def parse_contexts(text: str) -> tuple[int, ...]:
+    try:
+        contexts = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise FfchatError(f"--contexts {text!r}: expected comma-separated token counts such as 128,512,2048") from None
+    if not contexts or min(contexts) < 0:
+        raise FfchatError(f"--contexts {text!r}: expected comma-separated token counts such as 128,512,2048")
+    return contexts
+
+
+def run_bench(options: BenchOptions, out: Console, err: Console) -> dict:
+    """Measure, print the tables on ``out`` (progress on ``err``), write the JSON if asked; return the report."""
+    if not torch.cuda.is_available():
+        raise FfchatError("ffchat bench needs a CUDA GPU and none was found (bench is GPU-only)")
+    if options.model and options.shape:
+        raise FfchatError("name a stored model or a --shape, not both")
+    if options.prompt < 1 or options.steps < 1 or options.warmup < 0:
+        raise FfchatError("--prompt and --steps must be positive")
+    total = 2 + len(options.backends) * (2 + len(options.contexts))
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        report = measure(options, _Steps(progress, total))
+    for table in tables(report):
+        out.print(table)
+    if options.json_path is not None:
+        options.json_path.parent.mkdir(parents=True, exist_ok=True)
+        options.json_path.write_text(json.dumps(report, indent=2) + "\n")
+        err.print(f"wrote {options.json_path}")
+    return report
+
+
+def measure(options: BenchOptions, steps: _Steps) -> dict:
+    """All figures of one bench run, as the JSON report."""
+    report = environment()
+    steps.start("copy bandwidth (1 GiB device-to-device)")
+    report["copy_bandwidth"] = copy_bandwidth()
+    bandwidth = report["copy_bandwidth"]["gb_per_s"] * 1e9
+    steps.done(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+
+    steps.start("weights")
+    weights, report["model"] = load_weights(options)
+    config = weights.config
+    context_length = max(max(options.contexts), options.prompt) + 1
+    if context_length > config.max_position_embeddings:
+        raise FfchatError(f"contexts up to {context_length} tokens exceed the model's {config.max_position_embeddings}")
+    rng = torch.Generator().manual_seed(options.seed)
+    tokens = torch.randint(0, config.vocab_size, (context_length,), generator=rng).tolist()
+    steps.done(f"weights: {report['model']['name']}")
+
+    report.update(baseline=BASELINE, contexts=list(options.contexts), prompt_tokens=options.prompt, steps=options.steps,
+                  warmup=options.warmup, context_length=context_length)
+    report["roofline"] = [_roofline(context, weights.decode_bytes(context), bandwidth) for context in options.contexts]
+    report["backends"] = [
+        _measure_backend(name, weights, context_length, options, tokens, report["roofline"], steps)
+        for name in options.backends
+    ]
+    _add_ratios(report["backends"])
+    return report
+
+
+def load_weights(options: BenchOptions) -> tuple[BenchWeights, dict]:
+    """The weights every backend runs, and their description for the report."""
+    if options.model:
+        from ffchat.store import Store
+
+        weights = stored_weights(Store().get(options.model), int4=options.int4, device=DEVICE)
+        about = {"name": weights.label, "source": "store"}
+    else:
+        shape = options.shape or DEFAULT_SHAPE
+        weights = random_weights(shape_config(shape), label=f"{shape} (random, seed {options.seed})",
+                                 int4=options.int4, seed=options.seed, device=DEVICE)
+        about = {"name": weights.label, "source": "random", "shape": shape, "seed": options.seed}
+    about.update(
+        format="int4" if weights.group_size else "bf16", group_size=weights.group_size, quantizer=weights.quantizer,
+        lm_head="int4" if "lm_head" in weights.int4 else "bf16", config=weights.config.to_dict(),
+    )
+    return weights, about
+
+
+def _roofline(context: int, parts: dict[str, int], bandwidth: float) -> dict:
+    seconds = parts["total"] / bandwidth
+    return {"context": context, "bytes": parts, "ms": seconds * 1e3, "tok_per_s": 1 / seconds}
+
+
+def _measure_backend(name: str, weights: BenchWeights, context_length: int, options: BenchOptions,
+                     tokens: list[int], roofline: list[dict], steps: _Steps) -> dict:
+    """Build one backend, time its decode at every context and its prefill, then free it."""
+    result: dict = {"name": name, "about": BACKENDS[name].about}
+    backend = None
+    try:
+        steps.start(f"{name}: build" + (" and compile" if name == BASELINE else ""))
+        started = time.perf_counter()
+        backend = BACKENDS[name].build(weights, context_length)
+        torch.cuda.synchronize()
+        result["setup_s"] = time.perf_counter() - started
+        result["details"] = getattr(backend, "details", {})  # optional: what a backend wants on record
+        steps.done(f"{name}: ready in {result['setup_s']:.1f} s")
+        result["decode"] = []
+        for roof in roofline:
+            steps.start(f"{name}: decode at context {roof['context']}")
+            ms = time_decode(backend, roof["context"], tokens, options.steps, options.warmup)
+            row = _decode_row(roof, ms)
+            result["decode"].append(row)
+            steps.done(f"{name}: context {roof['context']}: {row['ms_per_token']:.3f} ms/token, "
+                       f"{row['tok_per_s']:.0f} tok/s, {row['pct_roofline']:.1f}% of roofline")
+        steps.start(f"{name}: prefill {options.prompt} tokens")
+        gpu_ms, ttft_ms = time_prefill(backend, tokens[:options.prompt], PREFILL_REPEATS)
+        result["prefill"] = {"prompt_tokens": options.prompt, "ms": statistics.median(gpu_ms),
+                             "tok_per_s": options.prompt / statistics.median(gpu_ms) * 1e3,
+                             "ttft_ms": statistics.median(ttft_ms), "repeats": len(gpu_ms)}
+        steps.done(f"{name}: prefill {result['prefill']['tok_per_s']:.0f} tok/s, "
+                   f"TTFT {result['prefill']['ttft_ms']:.1f} ms")
+    except torch.cuda.OutOfMemoryError as exc:
+        result["error"] = "out of GPU memory: " + str(exc).splitlines()[0]
+        steps.done(f"{name}: {result['error']}")
+    except FfchatError as exc:  # e.g. the triton backend asked to run bf16 weights
+        result["error"] = str(exc)
+        steps.done(f"{name}: {result['error']}")
+    finally:
+        del backend
+        _free_gpu()
+    return result
+
+
+def _decode_row(roof: dict, ms: list[float]) -> dict:
+    median = statistics.median(ms)
+    return {"context": roof["context"], "ms_per_token": median, "ms_min": min(ms), "ms_max": max(ms),
+            "tok_per_s": 1e3 / median, "bytes_per_token": roof["bytes"]["total"], "roofline_ms": roof["ms"],
+            "pct_roofline": 100 * roof["ms"] / median}
+
+
+def _add_ratios(results: list[dict]) -> None:
+    """Speed-up over the baseline (its time / this time; > 1 is faster) where the baseline has the figure."""
+    baseline = next((r for r in results if r["name"] == BASELINE and "error" not in r), None)
+    if baseline is None:
+        return
+    base_decode = {row["context"]: row["ms_per_token"] for row in baseline["decode"]}
+    for result in results:
+        for row in result.get("decode", []):
+            row["vs_baseline"] = base_decode[row["context"]] / row["ms_per_token"]
+        if "prefill" in result:
+            result["prefill"]["vs_baseline"] = baseline["prefill"]["ms"] / result["prefill"]["ms"]
+
+
+def _free_gpu() -> None:
+    """Release what the last backend held, compiled graphs and their memory pools included."""
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def copy_bandwidth(nbytes: int = COPY_BUFFER_BYTES, repeats: int = COPY_REPEATS) -> dict:
+    """Device-to-device copy rate, (read + write bytes) / time: the roofline's denominator."""
+    src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    ms = event_times(lambda _: dst.copy_(src), repeats)
+    rate = 2 * nbytes / 1e9 * 1e3
+    return {"gb_per_s": rate / statistics.median(ms), "best_gb_per_s": rate / min(ms), "buffer_bytes": nbytes,
+            "repeats": repeats}
+
+
+def event_times(fn: Callable[[int], object], count: int) -> list[float]:
+    """Milliseconds of each of ``count`` calls ``fn(i)`` on the GPU, from CUDA events recorded around them."""
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(count)]
+    for i, (start, end) in enumerate(events):
+        start.record()
+        fn(i)
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in events]
+
+
+def time_decode(backend: Backend, context: int, tokens: list[int], steps: int, warmup: int) -> list[float]:
+    """Milliseconds of ``steps`` decode calls, each with exactly ``context`` tokens cached.
+
+    The cache is filled by a prefill of random tokens, then every step rewinds to
+    ``context`` first, so all steps read the same KV length. No sampling is timed.
+    """
+    backend.rewind(0)
+    if context:
+        backend.prefill(tokens[:context])
+
+    def step(i: int) -> None:
+        backend.rewind(context)
+        backend.decode(tokens[i % len(tokens)])
+
+    for i in range(warmup):
+        step(i)
+    return event_times(step, steps)
+
+
+def time_prefill(backend: Backend, prompt: list[int], repeats: int) -> tuple[list[float], list[float]]:
+    """(GPU ms, time-to-first-token ms) of prefilling ``prompt`` into an empty cache, after one warm-up.
+
+    TTFT is host time from the call until the greedy first token is on the host.
+    """
+    gpu, ttft = [], []
+    for attempt in range(repeats + 1):
+        backend.rewind(0)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began = time.perf_counter()
+        start.record()
+        logits = backend.prefill(prompt)
+        end.record()
+        int(logits.argmax())
+        took = time.perf_counter() - began
+        end.synchronize()
+        if attempt:
+            gpu.append(start.elapsed_time(end))
+            ttft.append(took * 1e3)
+    return gpu, ttft
+
+
+def environment() -> dict:
+    """Where and how this run happened: command, date, commit, device, versions."""
+    props = torch.cuda.get_device_properties(0)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "command": shlex.join(["ffchat", *sys.argv[1:]]),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "ffchat_version": __version__,
+        **git_state(),
+        "device": {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                   "sm_count": props.multi_processor_count, "memory_bytes": props.total_memory},
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+    }
+
+
+def git_state() -> dict:
+    """The commit of the checkout ffchat runs from, and whether its tree differs; None outside a git checkout."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30,
+                                  check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain") if commit else None
+    return {"commit": commit, "uncommitted_changes": None if status is None else bool(status)}
+
+
+class _Steps:
+    """Progress on stderr: a bar while measuring, and one line per finished measurement."""
+
+    def __init__(self, progress: Progress, total: int):
+        self.progress = progress
+        self.task = progress.add_task("", total=total)
+
+    def start(self, what: str) -> None:
+        self.progress.update(self.task, description=what)
+
+    def done(self, line: str) -> None:
+        self.progress.advance(self.task)
+        self.progress.console.print(line, highlight=False)
+
+
+def tables(report: dict) -> list[Table]:
+    """The report for people: decode per backend and context, then prefill and TTFT."""
+    model, bandwidth = report["model"], report["copy_bandwidth"]["gb_per_s"]
+    fmt = f"INT4 g{model['group_size']} {model['quantizer']}" if model["format"] == "int4" else "bf16"
+    decode = Table(title=f"{model['name']} · {fmt} · {report['device']['name']} · copy {bandwidth:.0f} GB/s",
+                   header_style="bold")
+    for column in ("backend", "context", "MB/token", "roofline ms", "ms/token", "tok/s", "% roofline",
+                   f"vs {BASELINE}"):
+        decode.add_column(column, justify="left" if column == "backend" else "right")
+    prefill = Table(title=f"prefill of {report['prompt_tokens']} tokens", header_style="bold")
+    for column in ("backend", "prefill tok/s", "TTFT ms", f"vs {BASELINE}", "setup s"):
+        prefill.add_column(column, justify="left" if column == "backend" else "right")
+    for result in report["backends"]:
+        if "error" in result:
+            decode.add_row(result["name"], "", "", "", f"failed: {result['error']}")
+            continue
+        for row in result["decode"]:
+            decode.add_row(result["name"], str(row["context"]), f"{row['bytes_per_token'] / 1e6:.1f}",
+                           f"{row['roofline_ms']:.3f}", f"{row['ms_per_token']:.3f}", f"{row['tok_per_s']:.0f}",
+                           f"{row['pct_roofline']:.1f}", _ratio(row))
+        pre = result["prefill"]
+        prefill.add_row(result["name"], f"{pre['tok_per_s']:.0f}", f"{pre['ttft_ms']:.1f}", _ratio(pre),
+                        f"{result['setup_s']:.1f}")
+    return [decode, prefill]
+
+
+def _ratio(row: dict) -> str:
+    return f"{row['vs_baseline']:.2f}x" if "vs_baseline" in row else "-"

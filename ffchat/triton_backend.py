@@ -1,0 +1,246 @@
+"""The Triton backend: INT4 weights through fused Triton kernels, one CUDA graph per decode step.
+
+A decode step is seven launches per layer, each fusing what it can:
+norm+QKV GEMV, RoPE+q/k-norm+KV-append, attention partials (split along the
+sequence), attention reduce, O GEMV+residual, norm+gate/up GEMV+SiLU*up, down
+GEMV+residual; then final norm+LM head. Every launch reads the token, its
+position and the cache length from one device tensor, so the step is captured
+once as a CUDA graph and replayed for every token, with nothing from the host
+but three integers. A prompt is prefilled in chunks: each INT4 weight is
+dequantized into one reusable scratch buffer and multiplied with torch (cuBLAS),
+attention by torch SDPA over the cache.
+
+It is the stepping stone to, and the fallback for, the whole-model kernel, and
+shares its inputs: ``BenchWeights`` (the INT4 artifact) and the KV cache layout
+[layers, kv_heads, context, head_dim].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ffchat.backend import check_prompt_fits, check_rewind, check_room_for_token
+from ffchat.config import ModelConfig
+from ffchat.errors import FfchatError
+from ffchat.kernels.decode_attention import decode_attention, make_workspace
+from ffchat.kernels.int4_dequant import dequantize_int4
+from ffchat.kernels.int4_gemv import int4_gemv
+from ffchat.kernels.rope_kv import rope_kv_append
+from ffchat.model import attention_mask, rms_norm, rope_tables
+from ffchat.shapes import EMBED, HEAD, BenchWeights, Int4Linear
+
+# Tokens per prefill pass: bounds the activations and the attention mask of a long prompt.
+PREFILL_CHUNK = 1024
+ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class TritonLayer:
+    """One layer's weights as the kernels take them: q/k/v and gate/up fused along the rows."""
+
+    attn_norm: Tensor
+    qkv: Int4Linear
+    qkv_bias: Tensor | None
+    q_norm: Tensor | None
+    k_norm: Tensor | None
+    o: Int4Linear
+    o_bias: Tensor | None
+    mlp_norm: Tensor
+    gate_up: Int4Linear
+    gate_up_bias: Tensor | None
+    down: Int4Linear
+    down_bias: Tensor | None
+
+
+def unsupported_reason(config: ModelConfig) -> str | None:
+    """Why the kernels cannot run this model, or None: they tile a head in one power-of-two block."""
+    d = config.head_dim
+    if d < 16 or d & (d - 1):
+        return f"head dimension {d} is not a power of two >= 16"
+    return None
+
+
+def stack_rows(name: str, *linears: Int4Linear) -> Int4Linear:
+    """One INT4 linear whose rows are the given linears' rows in order (same K and group size)."""
+    sizes = {linear.group_size for linear in linears}
+    if len(sizes) != 1:
+        raise FfchatError(f"the triton backend needs one INT4 group size across {name}, found {sorted(sizes)}",
+                          hint="re-quantize with one --group-size, or use --backend reference")
+    return Int4Linear(*(torch.cat(parts) for parts in zip(*((l.qweight, l.scales, l.zeros) for l in linears))),
+                      sizes.pop())
+
+
+def _cat_or_none(tensors: Sequence[Tensor | None]) -> Tensor | None:
+    return None if tensors[0] is None else torch.cat(list(tensors))
+
+
+class TritonBackend:
+    """One conversation's KV cache and decode graph over INT4 weights (see ffchat.backend.Backend)."""
+
+    def __init__(self, weights: BenchWeights, context_length: int, *, dtype: torch.dtype = torch.bfloat16,
+                 name: str = "triton", use_graph: bool | None = None):
+        if not weights.int4:
+            raise FfchatError("the triton backend runs INT4 weights", hint="run `ffchat quantize` first, or use "
+                                                                           "--backend reference")
+        reason = unsupported_reason(weights.config)
+        if reason:
+            raise FfchatError(f"the triton backend cannot run this model: {reason}", hint="use --backend reference")
+        if dtype not in ACTIVATION_DTYPES:
+            raise FfchatError(f"the triton backend computes in fp16 or bf16, not {str(dtype).removeprefix('torch.')}")
+        config = self.config = weights.config
+        self.name = name
+        self.dtype = dtype
+        self.context_length = context_length
+        self.position = 0
+        self.device = weights.dense[EMBED].device
+        self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
+        self.layers = [self._layer(weights, i) for i in range(config.num_layers)]
+        self.embed = self._dense(weights, EMBED)
+        self.final_norm = self._dense(weights, "model.norm.weight")
+        self.head: Int4Linear | Tensor = weights.int4.get(HEAD) or self._dense(
+            weights, f"{HEAD}.weight" if f"{HEAD}.weight" in weights.dense else EMBED)
+        cache_shape = (config.num_layers, config.num_kv_heads, context_length, config.head_dim)
+        self.k_cache = torch.zeros(cache_shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(cache_shape, dtype=dtype, device=self.device)
+        self.rope_cos, self.rope_sin = (t.to(self.device) for t in rope_tables(config, context_length))
+        # (token, position, position + 1): everything the captured step reads from the host.
+        self.step_ids = torch.zeros(3, dtype=torch.int32, device=self.device)
+        self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=self.device)
+        self.attention_workspace = make_workspace(config.num_heads, config.head_dim, context_length,
+                                                  device=self.device)
+        largest = max(linear.qweight.numel() * 8 for layer in self.layers
+                      for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
+        self.scratch = torch.empty(largest, dtype=dtype, device=self.device)  # prefill's dequantized weight
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.captures = 0
+
+    def _dense(self, weights: BenchWeights, name: str) -> Tensor:
+        return weights.dense[name].to(device=self.device, dtype=self.dtype)
+
+    def _layer(self, weights: BenchWeights, index: int) -> TritonLayer:
+        prefix = f"model.layers.{index}."
+
+        def linear(name: str) -> Int4Linear:
+            return weights.int4[prefix + name]
+
+        def dense(name: str) -> Tensor | None:
+            tensor = weights.dense.get(prefix + name)
+            return None if tensor is None else tensor.to(device=self.device, dtype=self.dtype)
+
+        attn, mlp = "self_attn.", "mlp."
+        return TritonLayer(
+            attn_norm=dense("input_layernorm.weight"),
+            qkv=stack_rows(f"layer {index}'s q/k/v", *(linear(f"{attn}{p}_proj") for p in "qkv")),
+            qkv_bias=_cat_or_none([dense(f"{attn}{p}_proj.bias") for p in "qkv"]),
+            q_norm=dense(f"{attn}q_norm.weight"),
+            k_norm=dense(f"{attn}k_norm.weight"),
+            o=linear(f"{attn}o_proj"),
+            o_bias=dense(f"{attn}o_proj.bias"),
+            mlp_norm=dense("post_attention_layernorm.weight"),
+            gate_up=stack_rows(f"layer {index}'s gate/up", linear(f"{mlp}gate_proj"), linear(f"{mlp}up_proj")),
+            gate_up_bias=_cat_or_none([dense(f"{mlp}gate_proj.bias"), dense(f"{mlp}up_proj.bias")]),
+            down=linear(f"{mlp}down_proj"),
+            down_bias=dense(f"{mlp}down_proj.bias"),
+        )
+
+    # --- the Backend protocol ---------------------------------------------------------------
+
+    def prefill(self, tokens: Sequence[int]) -> Tensor:
+        check_prompt_fits(self, len(tokens))
+        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            last = self._prefill_chunk(ids[start:start + PREFILL_CHUNK])
+        self.logits.copy_(self._head(last))
+        return self.logits.clone()
+
+    def decode(self, token: int) -> Tensor:
+        check_room_for_token(self)
+        self.step_ids.copy_(torch.tensor([token, self.position, self.position + 1], dtype=torch.int32))
+        if not self.use_graph:
+            self._decode_step()
+        elif self.graph is None:
+            self._capture()
+        else:
+            self.graph.replay()
+        self.position += 1
+        return self.logits.clone()  # samplers may edit logits in place; the graph owns self.logits
+
+    def rewind(self, position: int) -> None:
+        check_rewind(self, position)
+        self.position = position  # later tokens are overwritten before they are read again
+
+    # --- decode: the captured step ----------------------------------------------------------
+
+    def _decode_step(self) -> None:
+        """One token through every layer, reading (token, position, length) from ``step_ids``."""
+        config, eps = self.config, self.config.rms_norm_eps
+        position, length = self.step_ids[1:2], self.step_ids[2:3]
+        x = self.embed.index_select(0, self.step_ids[0:1])[0]
+        for index, layer in enumerate(self.layers):
+            qkv = self._gemv(x, layer.qkv, bias=layer.qkv_bias, norm_weight=layer.attn_norm)
+            q = rope_kv_append(qkv.view(1, -1), position, self.rope_cos, self.rope_sin, self.k_cache[index],
+                               self.v_cache[index], num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                               head_dim=config.head_dim, q_norm=layer.q_norm, k_norm=layer.k_norm, eps=eps)
+            attention = decode_attention(q[0], self.k_cache[index], self.v_cache[index], length,
+                                         sliding_window=config.sliding_window, workspace=self.attention_workspace)
+            x = self._gemv(attention.view(-1), layer.o, bias=layer.o_bias, residual=x)
+            hidden = self._gemv(x, layer.gate_up, bias=layer.gate_up_bias, norm_weight=layer.mlp_norm, gated=True)
+            x = self._gemv(hidden, layer.down, bias=layer.down_bias, residual=x)
+        self.logits.copy_(self._head(x))
+
+    def _gemv(self, x: Tensor, linear: Int4Linear, **epilogue) -> Tensor:
+        return int4_gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size,
+                         norm_eps=self.config.rms_norm_eps, **epilogue)
+
+    def _head(self, x: Tensor) -> Tensor:
+        """Final norm and LM head of one hidden vector: logits [vocab] in the activation dtype."""
+        if isinstance(self.head, Int4Linear):
+            return self._gemv(x, self.head, norm_weight=self.final_norm)
+        return F.linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.head)
+
+    def _capture(self) -> None:
+        """Run the step once (compiling every kernel, and computing this token), then capture it."""
+        self._decode_step()
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._decode_step()
+        self.graph = graph
+        self.captures += 1
+
+    # --- prefill ----------------------------------------------------------------------------
+
+    def _prefill_chunk(self, ids: Tensor) -> Tensor:
+        """Run tokens at positions position.. through the model; return the last one's hidden vector."""
+        config, eps = self.config, self.config.rms_norm_eps
+        count, start = ids.shape[0], self.position
+        end = start + count
+        start_ids = torch.tensor([start], dtype=torch.int32, device=self.device)
+        mask = attention_mask(start, count, config.sliding_window, self.device)
+        x = self.embed[ids]
+        for index, layer in enumerate(self.layers):
+            qkv = self._matmul(rms_norm(x, layer.attn_norm, eps), layer.qkv, layer.qkv_bias)
+            q = rope_kv_append(qkv, start_ids, self.rope_cos, self.rope_sin, self.k_cache[index],
+                               self.v_cache[index], num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
+                               head_dim=config.head_dim, q_norm=layer.q_norm, k_norm=layer.k_norm, eps=eps)
+            attention = F.scaled_dot_product_attention(
+                q.transpose(0, 1), self.k_cache[index, :, :end], self.v_cache[index, :, :end],
+                attn_mask=mask, enable_gqa=True,
+            )
+            x = x + self._matmul(attention.transpose(0, 1).reshape(count, -1), layer.o, layer.o_bias)
+            gate, up = self._matmul(rms_norm(x, layer.mlp_norm, eps), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
+            x = x + self._matmul(F.silu(gate) * up, layer.down, layer.down_bias)
+        self.position = end
+        return x[-1]
+
+    def _matmul(self, x: Tensor, linear: Int4Linear, bias: Tensor | None) -> Tensor:
+        """x [T, K] @ W.T with W dequantized into the shared scratch buffer."""
+        n, k = linear.qweight.shape[0], linear.qweight.shape[1] * 8
+        weight = dequantize_int4(linear.qweight, linear.scales, linear.zeros, linear.group_size,
+                                 out=self.scratch[: n * k].view(n, k))
+        return F.linear(x, weight, bias)

@@ -1,0 +1,286 @@
+"""Batch-1 decode attention over a KV cache (GQA, optional sliding window), split along the keys.
+
+One query token attends to keys 0..length-1 of a [Hkv, S, D] cache; query head h reads KV
+head h // (Hq // Hkv), as in ``ffchat.model``. Two launches (flash-decoding):
+
+* ``_partial_kernel``, grid (Hkv, splits): each program takes one KV head and one share of
+  the attended keys, and runs all Hq / Hkv query heads of the group at once (padded to 16
+  rows for ``tl.dot``), so K and V are read from memory once per group. Online softmax in
+  fp32 over BLOCK_N keys per step; it writes the share's running max, sum of exponentials
+  and unnormalised output to the workspace.
+* ``_reduce_kernel``, grid (Hq,): combines the shares with the log-sum-exp rule.
+
+Why the split is dynamic: ``length`` is a device tensor (so one captured CUDA graph serves
+every position), the grid is fixed by the cache capacity, and the kernel divides the keys
+actually attended into ``splits`` equal BLOCK_N-rounded shares. Short contexts still spread
+over several programs, long ones over all of them; shares past the end do nothing and are
+left out of the reduce, so nothing has to be written for them. No host sync, no allocation
+when a workspace is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MIN_HEAD_ROWS = 16  # tl.dot needs at least 16 rows: a GQA group is padded up to it
+
+
+@dataclass(frozen=True)
+class DecodeAttentionConfig:
+    """Grid (Hkv, splits), fixed by the cache; each split takes an equal, block_n-rounded share of the keys."""
+
+    splits: int = 32
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def pick_config(max_seq_len: int, num_kv_heads: int = 1, *, num_sms: int | None = None,
+                min_chunk: int = 128, block_n: int = 64) -> DecodeAttentionConfig:
+    """Enough programs for ~2 per SM at full length, but no share of a full cache below ``min_chunk`` keys.
+
+    Untuned defaults (no GPU sweep yet). ``num_kv_heads=1`` sizes for the worst case (most splits).
+    """
+    if num_sms is None:
+        num_sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+    wanted = triton.next_power_of_2(triton.cdiv(2 * num_sms, num_kv_heads))
+    most = max(1, max_seq_len // min_chunk)
+    splits = max(1, min(wanted, 1 << (most.bit_length() - 1)))  # powers of two: shares align with BLOCK_N
+    return DecodeAttentionConfig(splits=splits, block_n=max(16, min(block_n, triton.next_power_of_2(max_seq_len))))
+
+
+@dataclass(frozen=True)
+class DecodeAttentionWorkspace:
+    """fp32 partials per (query head, split): running max (log2 units), sum of exponentials, unnormalised output."""
+
+    config: DecodeAttentionConfig
+    max_logit: torch.Tensor  # [Hq, splits]
+    sum_exp: torch.Tensor  # [Hq, splits]
+    acc: torch.Tensor  # [Hq, splits, D]
+
+
+def make_workspace(num_heads: int, head_dim: int, max_seq_len: int, config: DecodeAttentionConfig | None = None,
+                   *, num_kv_heads: int | None = None, device: str | torch.device | None = None
+                   ) -> DecodeAttentionWorkspace:
+    """Allocate once (before graph capture); ``decode_attention(..., workspace=ws)`` then uses ``ws.config``."""
+    cfg = config or pick_config(max_seq_len, num_kv_heads or 1)
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return DecodeAttentionWorkspace(
+        cfg,
+        torch.empty(num_heads, cfg.splits, dtype=torch.float32, device=device),
+        torch.empty(num_heads, cfg.splits, dtype=torch.float32, device=device),
+        torch.empty(num_heads, cfg.splits, head_dim, dtype=torch.float32, device=device),
+    )
+
+
+@triton.jit
+def _key_range(len_ptr, S, window, HAS_WINDOW: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Attended keys [lo, length) and the share of each split (a multiple of BLOCK_N; 0 when nothing is attended)."""
+    length = tl.minimum(tl.load(len_ptr).to(tl.int32), S)
+    lo = 0
+    if HAS_WINDOW:  # keys k > (length - 1) - window
+        lo = tl.maximum(length - window, 0)
+    share = tl.cdiv(tl.cdiv(length - lo, SPLITS), BLOCK_N) * BLOCK_N
+    return lo, length, share
+
+
+@triton.jit
+def _attend_block(q, k_head, v_head, n0, stop, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
+                  BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over keys n0..n0+BLOCK_N-1; keys >= stop are neither loaded nor weighted."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    key_ok = offs_n < stop
+    k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=key_ok[:, None], other=0.0).to(q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
+    s = tl.where(key_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every step has a valid key
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0).to(q.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, axis=1), acc
+
+
+@triton.jit
+def _partial_kernel(
+    q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
+    stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, S, window, qk_scale,
+    GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    kv = tl.program_id(0)
+    split = tl.program_id(1)
+    lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
+    start = lo + split * share
+    stop = tl.minimum(start + share, length)
+    if start < stop:  # shares past the end write nothing: the reduce never reads them
+        rows = tl.arange(0, GROUP_ROWS)
+        row_ok = rows < GROUP
+        heads = kv * GROUP + rows
+        offs_d = tl.arange(0, D)
+        q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if DOT_FP32:  # K, V and P follow q's dtype into the dots
+            q = q.to(tl.float32)
+        k_head = k_ptr + kv.to(tl.int64) * stride_kh
+        v_head = v_ptr + kv.to(tl.int64) * stride_vh
+        m_i = tl.full((GROUP_ROWS,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((GROUP_ROWS,), dtype=tl.float32)
+        acc = tl.zeros((GROUP_ROWS, D), dtype=tl.float32)
+        if INTERPRET:  # the interpreter cannot run range() to a tensor bound (numpy >= 2.3)
+            n0 = start
+            while n0 < stop:
+                m_i, l_i, acc = _attend_block(q, k_head, v_head, n0, stop, stride_kn, stride_vn, m_i, l_i, acc,
+                                              qk_scale, BLOCK_N, D, DOT_PRECISION)
+                n0 += BLOCK_N
+        else:
+            for n0 in range(start, stop, BLOCK_N):
+                m_i, l_i, acc = _attend_block(q, k_head, v_head, n0, stop, stride_kn, stride_vn, m_i, l_i, acc,
+                                              qk_scale, BLOCK_N, D, DOT_PRECISION)
+        slot = heads * SPLITS + split
+        tl.store(m_ptr + slot, m_i, mask=row_ok)
+        tl.store(l_ptr + slot, l_i, mask=row_ok)
+        tl.store(acc_ptr + slot[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _reduce_kernel(
+    m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, stride_oh, S, window,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    """out[h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits that attended keys."""
+    head = tl.program_id(0)
+    lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
+    active = tl.cdiv(length - lo, tl.maximum(share, 1))
+    offs_d = tl.arange(0, D)
+    SPLIT_BLOCKS: tl.constexpr = (SPLITS + BLOCK_S - 1) // BLOCK_S
+    big_m = tl.max(tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32), axis=0)
+    total = tl.sum(tl.zeros((BLOCK_S,), dtype=tl.float32), axis=0)
+    acc = tl.zeros((D,), dtype=tl.float32)
+    for b in range(SPLIT_BLOCKS):  # constexpr trip count; splits >= active are masked
+        s = b * BLOCK_S + tl.arange(0, BLOCK_S)
+        ok = s < active
+        slot = head * SPLITS + s
+        m = tl.load(m_ptr + slot, mask=ok, other=float("-inf"))
+        new_m = tl.maximum(big_m, tl.max(m, axis=0))
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)  # only when nothing is attended (length 0)
+        alpha = tl.exp2(big_m - safe_m)
+        w = tl.exp2(m - safe_m)
+        parts = tl.load(acc_ptr + slot[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+        total = total * alpha + tl.sum(w * tl.load(l_ptr + slot, mask=ok, other=0.0), axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * parts, axis=0)
+        big_m = new_m
+    out = acc / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+_INTERPRETED = "Interpreted" in type(_partial_kernel).__name__
+
+
+def _check(q, k_cache, v_cache, length, out, workspace, cfg) -> tuple[int, int, int, int]:
+    if q.dim() != 2 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.stride(1) != 1:
+        raise ValueError(f"q must be [Hq, D] fp16/bf16/fp32 with contiguous rows, got {tuple(q.shape)} {q.dtype}")
+    hq, d = q.shape
+    if k_cache.dim() != 3 or tuple(v_cache.shape) != tuple(k_cache.shape) or k_cache.shape[2] != d:
+        raise ValueError(f"k_cache and v_cache must both be [Hkv, S, {d}], got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    if k_cache.stride(2) != 1 or v_cache.stride(2) != 1:
+        raise ValueError("k_cache and v_cache need contiguous head_dim rows")
+    hkv, s = k_cache.shape[:2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"{hq} query heads cannot share {hkv} KV heads")
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"head_dim {d} must be a power of two >= 16")
+    if length.numel() != 1 or length.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"length must be a one-element int32 tensor on the device, got {tuple(length.shape)} "
+                         f"{length.dtype}")
+    if cfg.splits < 1 or cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
+        raise ValueError(f"bad config {cfg}: splits >= 1, block_n a power of two >= 16")
+    if out is not None and (tuple(out.shape) != (hq, d) or out.dtype != q.dtype or out.stride(1) != 1):
+        raise ValueError(f"out must be [{hq}, {d}] {q.dtype} with contiguous rows")
+    if workspace is not None:
+        want = (hq, cfg.splits, d)
+        if tuple(workspace.acc.shape) != want or tuple(workspace.max_logit.shape) != want[:2]:
+            raise ValueError(f"workspace holds {tuple(workspace.acc.shape)} partials, this call needs {want}")
+    tensors = [t for t in (k_cache, v_cache, length, out) if t is not None]
+    if workspace is not None:
+        tensors.append(workspace.acc)
+    if any(t.device != q.device for t in tensors):
+        raise ValueError("all tensors must be on one device")
+    return hq, hkv, s, d
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    length: torch.Tensor,
+    *,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    workspace: DecodeAttentionWorkspace | None = None,
+    config: DecodeAttentionConfig | None = None,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v for one token over keys 0..length-1 (length: int32 [1] on the device).
+
+    With ``workspace`` (and ``out``) nothing is allocated and nothing synchronises: safe to
+    capture in a CUDA graph and replay after changing ``length`` in place. length must be
+    1..S; a larger value is clamped to S.
+    """
+    cfg = config or (workspace.config if workspace is not None else
+                     pick_config(k_cache.shape[1], k_cache.shape[0]))
+    hq, hkv, s, d = _check(q, k_cache, v_cache, length, out, workspace, cfg)
+    if workspace is None:
+        workspace = make_workspace(hq, d, s, cfg, device=q.device)
+    if out is None:
+        out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    group = hq // hkv
+    scale = d ** -0.5 if scale is None else scale
+    window = sliding_window if sliding_window is not None else 0
+    _partial_kernel[(hkv, cfg.splits)](
+        q, k_cache, v_cache, length, workspace.max_logit, workspace.sum_exp, workspace.acc,
+        q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s, window,
+        scale * LOG2E,
+        GROUP=group, GROUP_ROWS=max(MIN_HEAD_ROWS, triton.next_power_of_2(group)), D=d, SPLITS=cfg.splits,
+        BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRETED,
+        DOT_FP32=_INTERPRETED and q.dtype == torch.bfloat16,  # the interpreter's tl.dot misreads bf16
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    _reduce_kernel[(hq,)](
+        workspace.max_logit, workspace.sum_exp, workspace.acc, length, out, out.stride(0), s, window,
+        D=d, SPLITS=cfg.splits, BLOCK_N=cfg.block_n, BLOCK_S=min(triton.next_power_of_2(cfg.splits), 32),
+        HAS_WINDOW=sliding_window is not None, num_warps=4,
+    )
+    return out
+
+
+def decode_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    length: int,
+    *,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain torch, fp32: the last query (position length-1) of ``ffchat.model``'s attention, in q's dtype."""
+    hq, d = q.shape
+    group = hq // k_cache.shape[0]
+    keys = k_cache[:, :length].float().repeat_interleave(group, dim=0)  # [Hq, length, D]
+    values = v_cache[:, :length].float().repeat_interleave(group, dim=0)
+    scores = torch.einsum("hd,hnd->hn", q.float(), keys) * (d ** -0.5 if scale is None else scale)
+    if sliding_window is not None:  # same rule as ffchat.model.attention_mask: k > p - window, p = length - 1
+        visible = torch.arange(length, device=q.device) > (length - 1) - sliding_window
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.einsum("hn,hnd->hd", torch.softmax(scores, dim=-1), values).to(q.dtype)
+
