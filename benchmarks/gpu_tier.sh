@@ -6,8 +6,13 @@
 #   3. every other GPU test (kernels vs their references, the baseline's correctness).
 # Each step has its own time cap so one slow step cannot eat the lease; logs and the
 # bench JSON files go to $OUT (the device tool brings back at most 8 files).
-# Usage: bash benchmarks/gpu_tier.sh [STEPS] with STEPS a subset of "tests bench kernels".
+# Usage: bash benchmarks/gpu_tier.sh [STEPS] with STEPS a subset of "tests bench kernels";
+# BUDGET_S (default 540) bounds the whole script, so it ends inside one device call.
 set -uo pipefail
+started=$SECONDS
+budget=${BUDGET_S:-540}
+# cap SECONDS: the step's own cap, or what is left of the budget if that is less
+cap() { local left=$((budget - (SECONDS - started))); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 out=${OUT:-/tmp/ffchat-gpu}
 mkdir -p "$out"
 steps=${1:-tests bench kernels}
@@ -18,15 +23,15 @@ log="$out/gpu_tier.log"
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee -a "$log"
 if [[ $steps == *tests* ]]; then
-  timeout 240 python3 -m pytest -m gpu tests/gpu/test_triton_backend_gpu.py tests/gpu/test_run_gpu.py -q -rA 2>&1 | tee -a "$log"
+  timeout "$(cap 240)" python3 -m pytest -m gpu tests/gpu/test_triton_backend_gpu.py tests/gpu/test_run_gpu.py -q -rA 2>&1 | tee -a "$log"
 fi
 if [[ $steps == *bench* ]]; then
   for shape in llama-3.2-1b qwen2.5-0.5b llama-3.1-8b; do
-    timeout 150 python3 -m ffchat bench --shape "$shape" --backends triton,torch-compile \
+    timeout "$(cap 150)" python3 -m ffchat bench --shape "$shape" --backends triton,torch-compile \
       --contexts 128,512,2048 --json "$out/$shape.json" 2>&1 | tee -a "$log"
   done
 fi
 if [[ $steps == *kernels* ]]; then
-  timeout 150 python3 -m pytest -m gpu tests/gpu -q --ignore tests/gpu/test_triton_backend_gpu.py --ignore tests/gpu/test_run_gpu.py 2>&1 \
+  timeout "$(cap 200)" python3 -m pytest -m gpu tests/gpu -q --ignore tests/gpu/test_triton_backend_gpu.py --ignore tests/gpu/test_run_gpu.py 2>&1 \
     | tee -a "$log"
 fi
