@@ -18,7 +18,7 @@ mkdir -p "$out"
 steps=${1:-tests bench kernels}
 ln -sfn ../kernels ffchat/kernels
 ln -sfn ../quantize ffchat/quantize
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 COLUMNS=160
 log="$out/gpu_tier.log"
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee -a "$log"
