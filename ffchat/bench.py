@@ -85,13 +85,14 @@ BACKENDS: dict[str, BackendEntry] = {
     "triton": BackendEntry(_triton, "ffchat's fused Triton INT4 kernels, one CUDA graph per decode step"),
 }
 BASELINE = "torch-compile"
+DEFAULT_BACKENDS = ("triton", BASELINE, "reference")
 
 
 @dataclass
 class BenchOptions:
     model: str | None = None  # a stored model's name, or
     shape: str | None = None  # a benchmark shape with random weights (the default)
-    backends: tuple[str, ...] = ("reference", BASELINE)
+    backends: tuple[str, ...] = DEFAULT_BACKENDS
     contexts: tuple[int, ...] = (128, 512, 2048)
     prompt: int = 512
     int4: bool = True

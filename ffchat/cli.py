@@ -225,7 +225,7 @@ def bench(
     model: Optional[str] = typer.Argument(None, help="A stored model (see `ffchat list`) instead of a --shape."),
     shape: Optional[str] = typer.Option(None, "--shape", help="A real model shape with seeded random weights: "
                                         "llama-3.2-1b (default), llama-3.1-8b, qwen2.5-0.5b; tiny, tiny-qwen for a smoke test."),
-    backends: str = typer.Option("triton,torch-compile,reference", "--backends", help="Comma-separated backends to measure: triton, torch-compile (the baseline), reference."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure: triton, torch-compile (the baseline), reference (default: all three)."),
     contexts: str = typer.Option("128,512,2048", "--contexts", help="Tokens in the KV cache for the decode timings."),
     prompt: int = typer.Option(512, "--prompt", help="Prompt tokens for prefill speed and time to first token."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write every figure to this JSON file."),
@@ -234,9 +234,10 @@ def bench(
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and tokens."),
 ) -> None:
     """Decode and prefill speed of each backend against the GPU's copy-bandwidth roofline (needs a GPU)."""
-    from ffchat.bench import BenchOptions, parse_backends, parse_contexts, run_bench
+    from ffchat.bench import DEFAULT_BACKENDS, BenchOptions, parse_backends, parse_contexts, run_bench
 
-    options = BenchOptions(model=model, shape=shape, backends=parse_backends(backends), contexts=parse_contexts(contexts),
+    options = BenchOptions(model=model, shape=shape, backends=parse_backends(backends) if backends else DEFAULT_BACKENDS,
+                           contexts=parse_contexts(contexts),
                            prompt=prompt, int4=int4, seed=seed, steps=steps, json_path=json_path)
     run_bench(options, _stdout(), err)
 

@@ -221,22 +221,34 @@ class TritonBackend:
         count, start = ids.shape[0], self.position
         end = start + count
         start_ids = torch.tensor([start], dtype=torch.int32, device=self.device)
-        mask = attention_mask(start, count, config.sliding_window, self.device)
+        window = config.sliding_window
+        # A fresh prompt that the sliding window does not cut is plain causal attention, which SDPA runs
+        # as one flash-attention kernel (GQA included); anything else needs the explicit mask.
+        mask = None if start == 0 and (window is None or window >= count) else attention_mask(
+            start, count, window, self.device)
         x = self.embed[ids]
         for index, layer in enumerate(self.layers):
             qkv = self._matmul(rms_norm(x, layer.attn_norm, eps), layer.qkv, layer.qkv_bias)
             q = rope_kv_append(qkv, start_ids, self.rope_cos, self.rope_sin, self.k_cache[index],
                                self.v_cache[index], num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
                                head_dim=config.head_dim, q_norm=layer.q_norm, k_norm=layer.k_norm, eps=eps)
-            attention = F.scaled_dot_product_attention(
-                q.transpose(0, 1), self.k_cache[index, :, :end], self.v_cache[index, :, :end],
-                attn_mask=mask, enable_gqa=True,
-            )
+            attention = self._prompt_attention(q.transpose(0, 1), self.k_cache[index, :, :end],
+                                               self.v_cache[index, :, :end], mask)
             x = x + self._matmul(attention.transpose(0, 1).reshape(count, -1), layer.o, layer.o_bias)
             gate, up = self._matmul(rms_norm(x, layer.mlp_norm, eps), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
             x = x + self._matmul(F.silu(gate) * up, layer.down, layer.down_bias)
         self.position = end
         return x[-1]
+
+    def _prompt_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """q [Hq, T, D] over k, v [Hkv, S, D]. With a mask, K/V heads are repeated for the query heads:
+        SDPA's memory-efficient kernel takes a mask but not GQA, and its fallback is an fp32 math path
+        of many launches (measured: most of a 512-token prefill's host time on an H200)."""
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        group = self.config.num_heads // self.config.num_kv_heads
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0),
+                                              attn_mask=mask)
 
     def _matmul(self, x: Tensor, linear: Int4Linear, bias: Tensor | None) -> Tensor:
         """x [T, K] @ W.T with W dequantized into the shared scratch buffer."""

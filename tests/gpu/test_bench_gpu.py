@@ -72,7 +72,7 @@ def test_bench_json_has_every_field(tmp_path):
     assert report["copy_bandwidth"]["gb_per_s"] > 100
     assert report["model"]["format"] == "int4" and report["model"]["config"]["hidden_size"] == 256
     assert [r["context"] for r in report["roofline"]] == [16, 64]
-    assert [b["name"] for b in report["backends"]] == ["reference", "torch-compile"]
+    assert [b["name"] for b in report["backends"]] == ["triton", "torch-compile", "reference"]  # the default
     for backend in report["backends"]:
         assert "error" not in backend
         for row in backend["decode"]:
