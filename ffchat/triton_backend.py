@@ -241,14 +241,17 @@ class TritonBackend:
         return x[-1]
 
     def _prompt_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
-        """q [Hq, T, D] over k, v [Hkv, S, D]. With a mask, K/V heads are repeated for the query heads:
-        SDPA's memory-efficient kernel takes a mask but not GQA, and its fallback is an fp32 math path
-        of many launches (measured: most of a 512-token prefill's host time on an H200)."""
-        if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        """q [Hq, T, D] over k, v [Hkv, S, D] -> [Hq, T, D], through SDPA's fused kernels.
+
+        Those take only 4-D inputs and (with a mask) no GQA; anything else falls back to SDPA's fp32
+        math path of many launches, which an H200 profile showed as most of a 512-token prefill's
+        host time. So: a batch dimension, and K/V heads repeated for the query heads.
+        """
         group = self.config.num_heads // self.config.num_kv_heads
-        return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 0), v.repeat_interleave(group, 0),
-                                              attn_mask=mask)
+        q, k, v = q[None], k.repeat_interleave(group, 0)[None], v.repeat_interleave(group, 0)[None]
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)[0]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)[0]
 
     def _matmul(self, x: Tensor, linear: Int4Linear, bias: Tensor | None) -> Tensor:
         """x [T, K] @ W.T with W dequantized into the shared scratch buffer."""
