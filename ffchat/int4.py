@@ -14,13 +14,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
@@ -117,9 +111,7 @@ def _gguf_exact_parts(record: ModelRecord) -> tuple[dict[str, tuple], dict[str, 
     """A GGUF's Q4_0/Q4_1 tensors in layout v1 (group 32), and their block types, by state-dict key."""
     if record.weights_format != "gguf":
         return {}, {}
-    from ffchat.gguf_import import (
-        read_q4_blocks,  # needs the gguf package: import only when used
-    )
+    from ffchat.gguf_import import read_q4_blocks  # needs the gguf package: import only when used
 
     blocks = read_q4_blocks(record.location)
     parts = {key: affine_blocks_to_layout(b.q, b.d, b.m) for key, b in blocks.items()}

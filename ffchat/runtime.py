@@ -112,9 +112,7 @@ def choose_backend(requested: str, device: torch.device, config: ModelConfig, *,
         raise FfchatError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
     if requested == "reference" or (requested == "auto" and (device.type != "cuda" or not int4)):
         return "reference"
-    from ffchat.triton_backend import (
-        unsupported_reason,  # imports Triton: only where it may run
-    )
+    from ffchat.triton_backend import unsupported_reason  # imports Triton: only where it may run
 
     reason = unsupported_reason(config)
     if requested == "auto":

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
 from ffchat.quantize.layout import check_packed, dequantize
 
 

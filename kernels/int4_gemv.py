@@ -41,9 +41,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
-from ffchat.quantize.layout import check_packed, dequantize
 
 from ffchat.model import rms_norm
+from ffchat.quantize.layout import check_packed, dequantize
 
 # Passed as run-time arguments, not constants: with one operand in the constant bank,
 # ptxas fuses (w & MASK) | ONE into a single LOP3 (two immediates cost two instructions).

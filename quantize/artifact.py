@@ -19,23 +19,13 @@ from typing import Any, Callable
 
 import torch
 import yaml
-from ffchat.quantize.layout import (
-    LAYOUT_VERSION,
-    NIBBLES_PER_WORD,
-    choose_group_size,
-    dequantize,
-)
-from ffchat.quantize.methods import (
-    DEFAULT_METHOD,
-    default_device,
-    get_method,
-    quantize_linear,
-)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ffchat import __version__
 from ffchat.errors import FfchatError
+from ffchat.quantize.layout import LAYOUT_VERSION, NIBBLES_PER_WORD, choose_group_size, dequantize
+from ffchat.quantize.methods import DEFAULT_METHOD, default_device, get_method, quantize_linear
 from ffchat.store import replace_directory
 
 MODEL_FILE = "model.safetensors"

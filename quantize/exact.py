@@ -12,6 +12,7 @@ d = 0 holds one value m, stored as code 0 with s = |m| and z = -sign(m).
 from __future__ import annotations
 
 import torch
+
 from ffchat.quantize.layout import pack_int4
 from ffchat.quantize.rtn import LEVELS
 

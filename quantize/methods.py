@@ -10,11 +10,11 @@ result on the CPU.
 from __future__ import annotations
 
 import torch
+
+from ffchat.errors import FfchatError
 from ffchat.quantize.layout import NIBBLES_PER_WORD, pack_int4
 from ffchat.quantize.rtn import quantize_rtn
 from ffchat.quantize.wmse import quantize_wmse
-
-from ffchat.errors import FfchatError
 
 METHODS = {"rtn": quantize_rtn, "wmse": quantize_wmse}
 DEFAULT_METHOD = "wmse"

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
 from ffchat.quantize.rtn import LEVELS, MIN_SCALE, MIN_SCALE_PER_MAGNITUDE, grouped
 
 CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+
 from ffchat.quantize.layout import pack_int4
 
 # Compiled Triton on a CUDA GPU: the GPU tier (`pytest -m gpu` on the GPU machine).

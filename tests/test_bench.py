@@ -9,7 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 from cli_helpers import assert_one_line_error, ffchat
-from ffchat.quantize.layout import dequantize, unpack_int4
 from kernel_helpers import rel_err
 
 from ffchat.bench import (
@@ -23,6 +22,7 @@ from ffchat.bench import (
 from ffchat.bench_baseline import Decoder, tinygemm_scales_and_zeros
 from ffchat.errors import FfchatError
 from ffchat.model import Transformer
+from ffchat.quantize.layout import dequantize, unpack_int4
 from ffchat.shapes import decode_bytes, random_weights, shape_config
 
 # (hidden, layers, heads, kv heads, head_dim, FFN, vocab, tied, q/k/v bias, parameters as Hugging Face counts them)

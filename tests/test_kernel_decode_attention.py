@@ -17,9 +17,9 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from ffchat.kernels import decode_attention as da  # noqa: E402
 from kernel_helpers import rel_err  # noqa: E402
 
+from ffchat.kernels import decode_attention as da  # noqa: E402
 from ffchat.model import attention_mask  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"

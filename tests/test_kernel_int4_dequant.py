@@ -14,9 +14,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernel_helpers import random_int4  # noqa: E402
+
 from ffchat.kernels import int4_dequant as dq  # noqa: E402
 from ffchat.quantize.layout import dequantize, pack_int4  # noqa: E402
-from kernel_helpers import random_int4  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

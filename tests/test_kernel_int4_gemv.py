@@ -15,9 +15,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from kernel_helpers import random_int4, rel_err  # noqa: E402
+
 from ffchat.kernels import int4_gemv as gemv  # noqa: E402
 from ffchat.quantize.layout import dequantize, pack_int4  # noqa: E402
-from kernel_helpers import random_int4, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}  # output rounding: fp16 ~5e-4, bf16 ~4e-3

@@ -18,10 +18,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from factory import FAMILIES  # noqa: E402
-from ffchat.kernels import rope_kv  # noqa: E402
 from kernel_helpers import rel_err  # noqa: E402
 
 from ffchat.config import ModelConfig  # noqa: E402
+from ffchat.kernels import rope_kv  # noqa: E402
 from ffchat.model import rope_tables  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 from types import SimpleNamespace
 
-import ffchat.quantize.artifact as artifact
 import pytest
 import torch
 import yaml
-from ffchat.quantize.layout import LAYOUT_VERSION
 from safetensors.torch import load_file, save_file
 
+import ffchat.quantize.artifact as artifact
 from ffchat.errors import FfchatError
+from ffchat.quantize.layout import LAYOUT_VERSION
 
 SOURCE = {"repo": "test/tiny", "commit": "0" * 40}
 

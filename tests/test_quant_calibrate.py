@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ffchat.quantize.artifact import int4_targets
-from ffchat.quantize.calibrate import calibration_tokens, input_importance
 from safetensors.torch import load_file
 
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.model import Transformer, rms_norm
+from ffchat.quantize.artifact import int4_targets
+from ffchat.quantize.calibrate import calibration_tokens, input_importance
 
 
 def tiny(tiny_model_dir, family: str):

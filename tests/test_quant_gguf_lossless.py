@@ -18,13 +18,13 @@ gguf = pytest.importorskip("gguf")
 
 import gguf_fixtures  # noqa: E402
 from cli_helpers import ffchat  # noqa: E402
-from ffchat.quantize.artifact import dequantize_state_dict, read_artifact  # noqa: E402
-from ffchat.quantize.exact import affine_blocks_to_layout  # noqa: E402
-from ffchat.quantize.layout import dequantize  # noqa: E402
 from gguf_fixtures import hparams, llama_cpp_permute, write_gguf  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from ffchat.gguf_import import load_gguf_state_dict, read_q4_blocks  # noqa: E402
+from ffchat.quantize.artifact import dequantize_state_dict, read_artifact  # noqa: E402
+from ffchat.quantize.exact import affine_blocks_to_layout  # noqa: E402
+from ffchat.quantize.layout import dequantize  # noqa: E402
 from ffchat.store import Store  # noqa: E402
 
 Q4 = gguf.GGMLQuantizationType

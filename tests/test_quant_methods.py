@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import ffchat.quantize.methods as methods
 import pytest
 import torch
+from safetensors.torch import load_file
+
+import ffchat.quantize.methods as methods
+from ffchat.config import ModelConfig
+from ffchat.errors import FfchatError
 from ffchat.quantize.artifact import LINEAR_WEIGHT
 from ffchat.quantize.calibrate import input_importance
 from ffchat.quantize.layout import choose_group_size, dequantize, pack_int4, unpack_int4
 from ffchat.quantize.rtn import quantize_rtn
 from ffchat.quantize.wmse import quantize_wmse
-from safetensors.torch import load_file
-
-from ffchat.config import ModelConfig
-from ffchat.errors import FfchatError
 
 
 def reconstruction(w: torch.Tensor, result, group_size: int) -> torch.Tensor:

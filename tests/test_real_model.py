@@ -10,6 +10,7 @@ import json
 import sys
 
 import pytest
+
 from cli_helpers import REPO, ffchat, ffchat_env
 
 pytestmark = pytest.mark.slow
