@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
+
 LOG2E = 1.4426950408889634
 MIN_HEAD_ROWS = 16  # tl.dot needs at least 16 rows: a GQA group is padded up to it
 
@@ -113,9 +115,12 @@ def _partial_kernel(
     stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, S, window, qk_scale,
     GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     kv = tl.program_id(0)
     split = tl.program_id(1)
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
     lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
     start = lo + split * share
     stop = tl.minimum(start + share, length)
@@ -152,10 +157,12 @@ def _partial_kernel(
 def _reduce_kernel(
     m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, stride_oh, S, window,
     D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WINDOW: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits that attended keys."""
     head = tl.program_id(0)
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
     lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
     active = tl.cdiv(length - lo, tl.maximum(share, 1))
     offs_d = tl.arange(0, D)
@@ -254,12 +261,12 @@ def decode_attention(
         BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRETED,
         DOT_FP32=_INTERPRETED and q.dtype == torch.bfloat16,  # the interpreter's tl.dot misreads bf16
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(q.device),
     )
     _reduce_kernel[(hq,)](
         workspace.max_logit, workspace.sum_exp, workspace.acc, length, out, out.stride(0), s, window,
         D=d, SPLITS=cfg.splits, BLOCK_N=cfg.block_n, BLOCK_S=min(triton.next_power_of_2(cfg.splits), 32),
-        HAS_WINDOW=sliding_window is not None, num_warps=4,
+        HAS_WINDOW=sliding_window is not None, num_warps=4, **launch_options(q.device),
     )
     return out
 

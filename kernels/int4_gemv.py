@@ -35,6 +35,7 @@ the memory system busy while spending few instructions per weight):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -42,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
 from ffchat.model import rms_norm
 from ffchat.quantize.layout import check_packed, dequantize
 
@@ -56,6 +58,8 @@ class GemvConfig:
     """Launch parameters: tile of BLOCK_N rows x BLOCK_K inputs per iteration, K split in ``split_k`` slices.
 
     With ``gated`` BLOCK_N counts outputs: a program reads 2 * BLOCK_N weight rows (gate and up).
+    ``prefetch`` (W4A16 only): request tile c + 1 before computing tile c, holding two tiles in
+    registers; it pays on long rows (many tiles per program) and costs on short ones.
     """
 
     block_n: int
@@ -63,15 +67,28 @@ class GemvConfig:
     num_warps: int
     num_stages: int = 1
     split_k: int = 1
+    prefetch: bool = False
 
 
 # Tuning data, keyed by (max N, max K): the first row whose bounds hold is used.
-# Best of a sweep on an H100, 2026-11-22 (benchmarks/NOTES.md): split-K never won on
-# the Llama shapes, so no row uses it; it stays available through ``config``.
+# Tiles: best of a sweep on an H100, 2026-11-22, re-checked on an H200 (benchmarks/NOTES.md);
+# split-K never won on the Llama shapes, so no row uses it (it stays available through ``config``).
+# Prefetch from 4 tiles per row on (K >= 8192, the down projections): the choice that decoded
+# fastest end to end on an H200, 2026-12-01 (8B 2.20 vs 2.30 ms, 1B 0.562 vs 0.586 ms).
 CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (2048, 1 << 30, GemvConfig(block_n=4, block_k=2048, num_warps=4)),
-    (16384, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=4)),
+    (2048, 8191, GemvConfig(block_n=4, block_k=2048, num_warps=4)),
+    (2048, 1 << 30, GemvConfig(block_n=4, block_k=2048, num_warps=4, prefetch=True)),
+    (16384, 8191, GemvConfig(block_n=8, block_k=2048, num_warps=4)),
+    (16384, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=4, prefetch=True)),
     (1 << 40, 1 << 30, GemvConfig(block_n=16, block_k=2048, num_warps=4)),
+)
+
+
+# Gated (SwiGLU) launches, keyed by (max outputs I, max K); block_n counts outputs (2 * block_n rows).
+# Best of a sweep of norm + gate/up + SiLU on the Llama-3.2-1B and 3.1-8B shapes on an H200,
+# 2026-12-01 (benchmarks/NOTES.md): 22% and 8% faster than the ungated tiles halved.
+GATED_CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
+    (1 << 40, 1 << 30, GemvConfig(block_n=16, block_k=1024, num_warps=4)),
 )
 
 
@@ -86,23 +103,21 @@ W4A8_CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
 )
 
 
-def pick_config(n: int, k: int, group_size: int, table=CONFIG_TABLE, *, gated: bool = False) -> GemvConfig:
+def pick_config(n: int, k: int, group_size: int, table=None, *, gated: bool = False) -> GemvConfig:
     """The table's config for N weight rows x K inputs, shrunk so a block never exceeds the problem.
 
-    ``gated``: N = 2I rows ([gate; up]) give I outputs. The row is looked up with all 2I rows (the
-    bytes streamed are those of an ungated [2I, K] GEMV) and block_n is halved, because a gated
-    program reads 2 * block_n rows: the tile, registers and grid stay those tuned for [2I, K].
-    Untuned guess; sweep it on the GPU.
+    ``gated``: N = 2I rows ([gate; up]) give I outputs, looked up by I in ``GATED_CONFIG_TABLE``
+    (block_n counts outputs there). Without ``table``: ``CONFIG_TABLE`` or, gated, ``GATED_CONFIG_TABLE``.
     """
-    cfg = next(c for max_n, max_k, c in table if n <= max_n and k <= max_k)
-    block_k = max(group_size, min(cfg.block_k, triton.next_power_of_2(k)))
     if gated:
         n //= 2
-        block_n = max(1, min(cfg.block_n // 2, triton.next_power_of_2(n)))
-    else:
-        block_n = min(cfg.block_n, triton.next_power_of_2(n))
+    if table is None:
+        table = GATED_CONFIG_TABLE if gated else CONFIG_TABLE
+    cfg = next(c for max_n, max_k, c in table if n <= max_n and k <= max_k)
+    block_k = max(group_size, min(cfg.block_k, triton.next_power_of_2(k)))
+    block_n = min(cfg.block_n, triton.next_power_of_2(n))
     split_k = max(1, min(cfg.split_k, triton.cdiv(k, block_k)))
-    return GemvConfig(block_n, block_k, cfg.num_warps, cfg.num_stages, split_k)
+    return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split_k)
 
 
 @triton.jit
@@ -207,12 +222,31 @@ def _rms_rstd(x_ptr, K, eps, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr
 
 
 @triton.jit
+def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, words_per_row, groups_per_row,
+                  WORDS: tl.constexpr, EVEN: tl.constexpr):
+    """The [rows, words] packed tile from group g0 on (streamed: evict first), its scales and zeros [rows, groups]."""
+    if EVEN:
+        w = tl.load(w_ptr + w_offs + g0 * WORDS, eviction_policy="evict_first")
+        s = tl.load(s_ptr + sz_offs + g0)
+        z = tl.load(z_ptr + sz_offs + g0)
+    else:  # chunks past K are fully masked
+        col_ok = (g0 * WORDS + col) < words_per_row
+        tile_ok = row_ok[:, None] & ((g0 + grp) < groups_per_row)[None, :]
+        w = tl.load(w_ptr + w_offs + g0 * WORDS, mask=row_ok[:, None] & col_ok[None, :], other=0,
+                    eviction_policy="evict_first")
+        s = tl.load(s_ptr + sz_offs + g0, mask=tile_ok, other=0.0)
+        z = tl.load(z_ptr + sz_offs + g0, mask=tile_ok, other=0.0)
+    return w, s, z
+
+
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
     N, K, nibble_mask, one, nw_ptr, eps,
     CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr, GATED: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):
     """N outputs (GATED: N = I, weight rows [gate; up] = 2N); nw_ptr/eps are read only with NORM."""
     GROUPS: tl.constexpr = BLOCK_K // G  # groups per tile
@@ -237,46 +271,55 @@ def _int4_gemv_kernel(
     w_offs = rows[:, None] * tl.multiple_of(words_per_row, W_ALIGN) + col[None, :]
     x_offs = col[:, None] * 8 + tl.arange(0, 8)[None, :]
     sz_offs = rows[:, None] * groups_per_row + grp[None, :]
+    # The first tile's weights are requested before waiting for x: under PDL that load overlaps
+    # the previous kernel's tail. Each iteration requests the next tile before or after computing its
+    # own (``prefetch``).
+    first = tl.program_id(1) * CHUNKS * GROUPS
+    w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, first, row_ok, col, grp, words_per_row,
+                            groups_per_row, WORDS, EVEN)
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
     if NORM:  # the whole vector's statistic first: every program needs it for its first tile
         rstd = _rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS)
 
     acc = tl.zeros((TILE_N, GROUPS), dtype=tl.float32)
     for c in range(CHUNKS):  # a constexpr trip count: the interpreter cannot loop to a runtime scalar
-        g0 = (tl.program_id(1) * CHUNKS + c) * GROUPS  # chunks past K are fully masked (EVEN is off)
+        g0 = first + c * GROUPS
         if EVEN:
-            w = tl.load(w_ptr + w_offs + g0 * WORDS, eviction_policy="evict_first")
-            s = tl.load(s_ptr + sz_offs + g0)
-            z = tl.load(z_ptr + sz_offs + g0)
             x8 = tl.load(x_ptr + x_offs + g0 * G)
             if NORM:
                 nw = tl.load(nw_ptr + x_offs + g0 * G)
         else:
             col_ok = (g0 * WORDS + col) < words_per_row
-            tile_ok = row_ok[:, None] & ((g0 + grp) < groups_per_row)[None, :]
-            w = tl.load(w_ptr + w_offs + g0 * WORDS, mask=row_ok[:, None] & col_ok[None, :], other=0,
-                        eviction_policy="evict_first")
-            s = tl.load(s_ptr + sz_offs + g0, mask=tile_ok, other=0.0)
-            z = tl.load(z_ptr + sz_offs + g0, mask=tile_ok, other=0.0)
             x8 = tl.load(x_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
             if NORM:
                 nw = tl.load(nw_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
+        w_now, s_now, z_now = w, s, z
+        if PREFETCH:  # the next tile's loads fly while this one is computed
+            if c + 1 < CHUNKS:
+                w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
+                                        words_per_row, groups_per_row, WORDS, EVEN)
         if NORM:  # as ffchat.model.rms_norm: x * rstd rounded to x's dtype, times the weight, rounded
             x_dtype = x_ptr.dtype.element_ty
             x8 = (x8.to(tl.float32) * rstd).to(x_dtype).to(tl.float32)
             x8 = (x8 * nw.to(tl.float32)).to(x_dtype)
         x8 = x8.to(tl.float32)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x8, COLS)
-        t = _nibble_plane(w, 0, nibble_mask, one) * x0[None, :]
-        t += _nibble_plane(w, 8, nibble_mask, one) * x1[None, :]
-        t += _nibble_plane(w, 16, nibble_mask, one) * x2[None, :]
-        t += _nibble_plane(w, 24, nibble_mask, one) * x3[None, :]
-        t += _nibble_plane(w, 4, nibble_mask, one) * x4[None, :]
-        t += _nibble_plane(w, 12, nibble_mask, one) * x5[None, :]
-        t += _nibble_plane(w, 20, nibble_mask, one) * x6[None, :]
-        t += _nibble_plane(w, 28, nibble_mask, one) * x7[None, :]
+        t = _nibble_plane(w_now, 0, nibble_mask, one) * x0[None, :]
+        t += _nibble_plane(w_now, 8, nibble_mask, one) * x1[None, :]
+        t += _nibble_plane(w_now, 16, nibble_mask, one) * x2[None, :]
+        t += _nibble_plane(w_now, 24, nibble_mask, one) * x3[None, :]
+        t += _nibble_plane(w_now, 4, nibble_mask, one) * x4[None, :]
+        t += _nibble_plane(w_now, 12, nibble_mask, one) * x5[None, :]
+        t += _nibble_plane(w_now, 20, nibble_mask, one) * x6[None, :]
+        t += _nibble_plane(w_now, 28, nibble_mask, one) * x7[None, :]
         t_group = tl.sum(tl.reshape(t, (TILE_N, GROUPS, WORDS)), axis=2)
         x_group = tl.sum(tl.reshape(tl.sum(x8, axis=1), (GROUPS, WORDS)), axis=1)  # of the normalized x
-        acc += s.to(tl.float32) * (16.0 * t_group - (16.0 + z.to(tl.float32)) * x_group[None, :])
+        acc += s_now.to(tl.float32) * (16.0 * t_group - (16.0 + z_now.to(tl.float32)) * x_group[None, :])
+        if not PREFETCH:  # once this tile is used: one tile of registers
+            if c + 1 < CHUNKS:
+                w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
+                                        words_per_row, groups_per_row, WORDS, EVEN)
     _finish(tl.sum(acc, axis=1), rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
             SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
@@ -299,6 +342,7 @@ def _int4_gemv_w4a8_kernel(
     N, K,
     CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, USE_ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Same tiling as the W4A16 kernel; x is int8 words (xq_ptr as int32: word 2j = x[8j..8j+3]), per-group scale/sum."""
     GROUPS: tl.constexpr = BLOCK_K // G
@@ -311,6 +355,8 @@ def _int4_gemv_w4a8_kernel(
     w_offs = rows[:, None, None] * tl.multiple_of(K // 8, W_ALIGN) + (grp * WORDS)[None, :, None] + word[None, None, :]
     xw_offs = 2 * ((grp * WORDS)[:, None] + word[None, :])
     sz_offs = rows[:, None] * groups_per_row + grp[None, :]
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
 
     acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
     for c in range(CHUNKS):
@@ -413,7 +459,7 @@ def _launch(kernel, inputs, n, k, group_size, cfg, bias, residual, out, dtype, d
         W_ALIGN=4 if (k // 8) % 4 == 0 else 1,
         EVEN=(n % cfg.block_n == 0 and k == cfg.block_k * chunks_per_split * num_splits),
         HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra, **launch_options(device),
     )
     return out
 
@@ -453,7 +499,7 @@ def int4_gemv(
         norm_args = (inputs[0], 0.0)
     return _launch(_int4_gemv_kernel, inputs, n, k, group_size, cfg, bias, residual, out, x.dtype, x.device,
                    extra_args=(MANTISSA_NIBBLE, ONE_F32) + norm_args, part_rows=qweight.shape[0],
-                   GATED=gated, **norm)
+                   GATED=gated, PREFETCH=cfg.prefetch, **norm)
 
 
 def int4_gemv_reference(
@@ -550,6 +596,8 @@ def int4_gemv_w4a8(
     n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out)
     act = act or quantize_activation(x, group_size)
     cfg = config or pick_config(n, k, group_size, W4A8_CONFIG_TABLE)
+    if cfg.prefetch:
+        raise ValueError("prefetch is a W4A16 option; the W4A8 kernel has none")
     inputs = (act.codes.view(torch.int32), act.scales, act.sums) + tuple(t.contiguous() for t in (qweight, scales, zeros))
     use_asm = isinstance(_int4_gemv_w4a8_kernel, triton.runtime.JITFunction)  # inline asm cannot be interpreted
     return _launch(_int4_gemv_w4a8_kernel, inputs, n, k, group_size, cfg, bias, residual, out, act.dtype, x.device,

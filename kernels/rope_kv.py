@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
 from ffchat.model import apply_rope, rms_norm
 
 
@@ -48,12 +49,14 @@ def _rope_kv_kernel(
     qkv_ptr, start_ptr, cos_ptr, sin_ptr, k_cache_ptr, v_cache_ptr, q_out_ptr, q_norm_ptr, k_norm_ptr,
     table_len, cache_len, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, Q_BLOCKS: tl.constexpr,
-    HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
+    HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
     HALF: tl.constexpr = D // 2
     ROW: tl.constexpr = (HQ + 2 * HKV) * D  # elements per token in qkv
     t = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
     pos = tl.load(start_ptr).to(tl.int64) + t
     half = tl.arange(0, HALF)
     full = tl.arange(0, D)
@@ -164,7 +167,7 @@ def rope_kv_append(
         cos.shape[0], k_cache.shape[1], eps,
         HQ=num_heads, HKV=num_kv_heads, D=head_dim, BLOCK_H=block_h, Q_BLOCKS=q_blocks,
         HAS_Q_NORM=q_norm is not None, HAS_K_NORM=k_norm is not None,
-        num_warps=max(1, min(4, block_h * head_dim // 256)),
+        num_warps=max(1, min(4, block_h * head_dim // 256)), **launch_options(qkv.device),
     )
     return q_out
 

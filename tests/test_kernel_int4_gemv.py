@@ -58,6 +58,7 @@ FORCED = [
     gemv.GemvConfig(block_n=8, block_k=64, num_warps=2, split_k=4),
     gemv.GemvConfig(block_n=32, block_k=256, num_warps=4, split_k=2),  # K=576: 3 chunks over 2 slices
     gemv.GemvConfig(block_n=4, block_k=1024, num_warps=4),
+    gemv.GemvConfig(block_n=8, block_k=64, num_warps=4, split_k=3, prefetch=True),  # K=576: 9 chunks, 3 per slice
 ]
 
 
@@ -234,6 +235,7 @@ FUSED_FORCED = [
     gemv.GemvConfig(block_n=2, block_k=32, num_warps=2, split_k=3),  # K=160: 5 chunks over 3 slices
     gemv.GemvConfig(block_n=4, block_k=64, num_warps=4, split_k=2),  # K=160: 3 chunks, last one half past K
     gemv.GemvConfig(block_n=1, block_k=256, num_warps=4),  # one chunk wider than K
+    gemv.GemvConfig(block_n=2, block_k=32, num_warps=2, prefetch=True),  # K=160: 5 chunks, each prefetched
 ]
 
 
@@ -319,10 +321,18 @@ def test_fused_inputs_are_checked():
         gemv.int4_gemv(x, qweight, scales, zeros, 32, norm_weight=rand(32, torch.float16, 30))
 
 
-def test_pick_config_for_gated_halves_block_n():
-    """A gated program reads 2 * block_n rows: the same tile as the ungated table row for all 2I rows."""
-    for rows, k in ((16384, 2048), (28672, 4096), (4096, 4096)):
-        plain, gated = gemv.pick_config(rows, k, 128), gemv.pick_config(rows, k, 128, gated=True)
-        assert gated.block_n * 2 == plain.block_n and gated.block_k == plain.block_k
+def test_pick_config_for_gated_counts_outputs():
+    """Gated launches are looked up by outputs I = N / 2 in their own table and never exceed I."""
+    for rows, k in ((16384, 2048), (28672, 4096)):
+        gated = gemv.pick_config(rows, k, 128, gated=True)
+        table = next(c for n, kk, c in gemv.GATED_CONFIG_TABLE if rows // 2 <= n and k <= kk)
+        assert (gated.block_n, gated.num_warps, gated.prefetch) == (table.block_n, table.num_warps, table.prefetch)
     assert gemv.pick_config(10, 64, 32, gated=True).block_n <= 8  # I = 5
     assert gemv.pick_config(2, 64, 32, gated=True).block_n == 1
+
+
+def test_w4a8_refuses_the_w4a16_prefetch_option():
+    qweight, scales, zeros = random_int4(8, 64, 32, 3, DEVICE)
+    x = torch.randn(64, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="prefetch"):
+        gemv.int4_gemv_w4a8(x, qweight, scales, zeros, 32, config=gemv.GemvConfig(8, 64, 4, prefetch=True))

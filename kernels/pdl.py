@@ -1,0 +1,57 @@
+"""Programmatic dependent launch (PDL): a decode kernel's programs start while the kernel before it finishes.
+
+A decode step is a chain of short kernels; in a CUDA graph each one still waits for its
+predecessor to drain before its programs are scheduled, then spends a ramp-up computing
+indices and waiting for its first loads. Launched with ``launch_pdl`` (Hopper and later), a
+kernel becomes resident once every program of the kernel before it has called
+``release_dependents``, does the work that needs no activation (indices, its first weight
+tile), and blocks in ``wait_for_inputs`` until that kernel has completed with its writes
+visible.
+
+The rule every kernel launched this way keeps: nothing but weights is read, and nothing is
+written, before ``wait_for_inputs``. The waits chain, so a kernel past its wait also knows
+every earlier kernel is done. Without PDL (other GPUs, the interpreter) both calls compile
+to nothing and the launch is an ordinary one.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+# FFCHAT_PDL=0 launches every kernel the ordinary way: the A/B switch for `ffchat bench`.
+_DISABLED = os.environ.get("FFCHAT_PDL", "1") == "0"
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def pdl_enabled(device: torch.device) -> bool:
+    """Whether kernels on ``device`` are launched with PDL: CUDA capability 9.0 or later, compiled."""
+    if _DISABLED or _INTERPRETED or device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def launch_options(device: torch.device) -> dict:
+    """Keyword arguments for a kernel launch: its ``PDL`` constant and, when on, ``launch_pdl``."""
+    enabled = pdl_enabled(device)
+    return {"PDL": enabled, "launch_pdl": True} if enabled else {"PDL": False}
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr):
+    """Block until the previous kernel has completed and its writes are visible (a no-op without PDL)."""
+    if PDL:
+        gdc_wait()
+
+
+@triton.jit
+def release_dependents(PDL: tl.constexpr):
+    """Let the next kernel's programs become resident (they still wait for this kernel to complete)."""
+    if PDL:
+        gdc_launch_dependents()
