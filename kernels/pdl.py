@@ -29,7 +29,7 @@ _DISABLED = os.environ.get("FFCHAT_PDL", "1") == "0"
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` are launched with PDL: CUDA capability 9.0 or later, compiled."""
     if _DISABLED or _INTERPRETED or device.type != "cuda":
