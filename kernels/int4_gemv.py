@@ -29,14 +29,15 @@ the memory system busy while spending few instructions per weight):
 * Fused SwiGLU (``gated``): a program's tile holds gate row n and up row n + I interleaved
   (rows n, n + I, n + 1, n + 1 + I, ...), so one x tile feeds both and the epilogue splits the
   row sums into gate and up; the activations never leave registers.
+* Launched with PDL on Hopper (``ffchat.kernels.pdl``): the first tile's weights are requested
+  before waiting for x, so they load while the previous kernel finishes.
 * W4A8 (``int4_gemv_w4a8``): x quantized to int8 per group, 4 products per ``dp4a``;
   faster still, at ~6e-3 relative error against fp16 activations.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -117,7 +118,7 @@ def pick_config(n: int, k: int, group_size: int, table=None, *, gated: bool = Fa
     block_k = max(group_size, min(cfg.block_k, triton.next_power_of_2(k)))
     block_n = min(cfg.block_n, triton.next_power_of_2(n))
     split_k = max(1, min(cfg.split_k, triton.cdiv(k, block_k)))
-    return dataclasses.replace(cfg, block_n=block_n, block_k=block_k, split_k=split_k)
+    return replace(cfg, block_n=block_n, block_k=block_k, split_k=split_k)
 
 
 @triton.jit
