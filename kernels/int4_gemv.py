@@ -16,10 +16,13 @@ the memory system busy while spending few instructions per weight):
   registers, so one x value serves several rows. x comes in as one 16-byte load per word
   and is split into the 8 nibble planes in registers (a 3-D [rows, groups, words] tile
   made Triton shuffle x through shared memory once per plane: 1.5x the instructions).
-* A nibble becomes a float with a shift and one LOP3: OR-ing it into the top mantissa
-  bits of 1.0 gives ``v = 1 + q/16`` exactly (no int->float conversion). One FMA per
-  weight sums ``v * x``; per group ``sum(q x) = 16 * (sum(v x) - sum(x))`` and the zero
-  point folds into ``s * (16 * T - (16 + z) * X)``, with X = sum(x) shared by all rows.
+* A nibble becomes a float with one LOP3: OR-ed into the mantissa of 1.0 at bits 19..22 it
+  gives ``1 + q/16``, at bits 15..18 ``1 + q/256``, exactly (no int->float conversion). Four
+  shifts per word (one a rotation) bring its 8 nibbles into those two windows two at a time,
+  half the shifts of moving each nibble on its own. Planes landing low meet 16 x, so every
+  product is ``x' + q x / 16`` and one FMA per weight sums them: per group
+  ``sum((q - z) x) = 16 * (T - X') - z * X`` with T = sum(v x'), X' = sum(x') and X = sum(x)
+  shared by all rows. The cancellation in T - X' costs up to ~1e-5 of the group's sum of |q x|.
 * Split-K (optional): every K-slice writes an fp32 partial, the last slice to arrive (per
   row block, counted with an atomic) sums the partials in slice order and runs the
   epilogue, so results are deterministic and one launch does everything.
@@ -50,8 +53,9 @@ from ffchat.quantize.layout import check_packed, dequantize
 
 # Passed as run-time arguments, not constants: with one operand in the constant bank,
 # ptxas fuses (w & MASK) | ONE into a single LOP3 (two immediates cost two instructions).
-MANTISSA_NIBBLE = 0x00780000  # bits 19..22: the top 4 mantissa bits of an fp32
-ONE_F32 = 0x3F800000  # 1.0f; OR-ing q into MANTISSA_NIBBLE gives 1 + q/16
+HIGH_NIBBLE = 0x00780000  # mantissa bits 19..22 of an fp32: OR-ed into 1.0f they give 1 + q/16
+LOW_NIBBLE = 0x00078000  # mantissa bits 15..18: 1 + q/256
+ONE_F32 = 0x3F800000  # 1.0f
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,8 @@ class GemvConfig:
     With ``gated`` BLOCK_N counts outputs: a program reads 2 * BLOCK_N weight rows (gate and up).
     ``prefetch`` (W4A16 only): request tile c + 1 before computing tile c, holding two tiles in
     registers; it pays on long rows (many tiles per program) and costs on short ones.
+    ``max_registers``: a per-thread register cap for ptxas (None: its own choice). A lower cap lets
+    more programs share an SM, which hides more memory latency where the cap costs no spills.
     """
 
     block_n: int
@@ -69,27 +75,29 @@ class GemvConfig:
     num_stages: int = 1
     split_k: int = 1
     prefetch: bool = False
+    max_registers: int | None = None
 
 
 # Tuning data, keyed by (max N, max K): the first row whose bounds hold is used.
-# Tiles: best of a sweep on an H100, 2026-11-22, re-checked on an H200 (benchmarks/NOTES.md);
-# split-K never won on the Llama shapes, so no row uses it (it stays available through ``config``).
-# Prefetch from 4 tiles per row on (K >= 8192, the down projections): the choice that decoded
-# fastest end to end on an H200, 2026-12-01 (8B 2.20 vs 2.30 ms, 1B 0.562 vs 0.586 ms).
+# Best of a sweep of tiles, prefetch and register caps on the Llama-3.2-1B and 3.1-8B decode
+# shapes on an H200, 2026-12-02 (benchmarks/NOTES.md): the 1B and 8B projections fall in the
+# first five rows, the LM heads in the last (32 rows per program, capped at 128 registers so four
+# programs share an SM). Split-K never won, so no row uses it (it stays available through ``config``).
 CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (2048, 8191, GemvConfig(block_n=4, block_k=2048, num_warps=4)),
-    (2048, 1 << 30, GemvConfig(block_n=4, block_k=2048, num_warps=4, prefetch=True)),
-    (16384, 8191, GemvConfig(block_n=8, block_k=2048, num_warps=4)),
-    (16384, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=4, prefetch=True)),
-    (1 << 40, 1 << 30, GemvConfig(block_n=16, block_k=2048, num_warps=4)),
+    (2048, 8191, GemvConfig(block_n=8, block_k=2048, num_warps=4)),
+    (2048, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=8, prefetch=True)),
+    (4096, 2048, GemvConfig(block_n=16, block_k=2048, num_warps=4)),
+    (4096, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=4, prefetch=True)),
+    (16384, 1 << 30, GemvConfig(block_n=16, block_k=2048, num_warps=4)),
+    (1 << 40, 1 << 30, GemvConfig(block_n=32, block_k=1024, num_warps=4, max_registers=128)),
 )
 
 
 # Gated (SwiGLU) launches, keyed by (max outputs I, max K); block_n counts outputs (2 * block_n rows).
-# Best of a sweep of norm + gate/up + SiLU on the Llama-3.2-1B and 3.1-8B shapes on an H200,
-# 2026-12-01 (benchmarks/NOTES.md): 22% and 8% faster than the ungated tiles halved.
+# Same sweep: 16 outputs (32 rows) per program, K block 1024, capped at 128 registers (ptxas
+# otherwise takes 167 and fits three programs per SM instead of four).
 GATED_CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (1 << 40, 1 << 30, GemvConfig(block_n=16, block_k=1024, num_warps=4)),
+    (1 << 40, 1 << 30, GemvConfig(block_n=16, block_k=1024, num_warps=4, max_registers=128)),
 )
 
 
@@ -122,13 +130,18 @@ def pick_config(n: int, k: int, group_size: int, table=None, *, gated: bool = Fa
 
 
 @triton.jit
-def _nibble_plane(w, SHIFT: tl.constexpr, nibble_mask, one):
-    """1 + q/16 as fp32 for the nibble at bit SHIFT of each word (a shift and one LOP3, no conversion)."""
-    if SHIFT <= 19:
-        moved = w << (19 - SHIFT)
-    else:
-        moved = w >> (SHIFT - 19)  # arithmetic shift: the sign bits are masked off below
-    return ((moved & nibble_mask) | one).to(tl.float32, bitcast=True)
+def _nibble_pair(moved, high_mask, low_mask, one):
+    """The nibbles at bits 19..22 and 15..18 of each moved word as fp32 1 + q/16 and 1 + q/256 (one LOP3 each)."""
+    high = ((moved & high_mask) | one).to(tl.float32, bitcast=True)
+    low = ((moved & low_mask) | one).to(tl.float32, bitcast=True)
+    return high, low
+
+
+@triton.jit
+def _rotate_left_19(w):
+    """w rotated left by 19 bits (one funnel shift): bit 0 -> 19, bit 28 -> 15."""
+    u = w.to(tl.uint32, bitcast=True)
+    return ((u << 19) | (u >> 13)).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -243,7 +256,7 @@ def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, wo
 @triton.jit
 def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
-    N, K, nibble_mask, one, nw_ptr, eps,
+    N, K, high_mask, low_mask, one, nw_ptr, eps,
     CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr, GATED: tl.constexpr,
@@ -306,17 +319,30 @@ def _int4_gemv_kernel(
             x8 = (x8 * nw.to(tl.float32)).to(x_dtype)
         x8 = x8.to(tl.float32)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x8, COLS)
-        t = _nibble_plane(w_now, 0, nibble_mask, one) * x0[None, :]
-        t += _nibble_plane(w_now, 8, nibble_mask, one) * x1[None, :]
-        t += _nibble_plane(w_now, 16, nibble_mask, one) * x2[None, :]
-        t += _nibble_plane(w_now, 24, nibble_mask, one) * x3[None, :]
-        t += _nibble_plane(w_now, 4, nibble_mask, one) * x4[None, :]
-        t += _nibble_plane(w_now, 12, nibble_mask, one) * x5[None, :]
-        t += _nibble_plane(w_now, 20, nibble_mask, one) * x6[None, :]
-        t += _nibble_plane(w_now, 28, nibble_mask, one) * x7[None, :]
+        # Four moves put two nibbles each into the windows of _nibble_pair: planes 0-3 land high,
+        # planes 4-7 low, so x of planes 4-7 is scaled by 16 to give every product the same q x / 16 term.
+        high, low = _nibble_pair(w_now << 3, high_mask, low_mask, one)  # bits 16 and 12: planes 2, 5
+        t = high * x2[None, :]
+        t += low * (16.0 * x5)[None, :]
+        high, low = _nibble_pair(w_now >> 5, high_mask, low_mask, one)  # bits 24 and 20: planes 3, 6
+        t += high * x3[None, :]
+        t += low * (16.0 * x6)[None, :]
+        high, low = _nibble_pair(w_now << 11, high_mask, low_mask, one)  # bits 8 and 4: planes 1, 4
+        t += high * x1[None, :]
+        t += low * (16.0 * x4)[None, :]
+        high, low = _nibble_pair(_rotate_left_19(w_now), high_mask, low_mask, one)  # bits 0 and 28: planes 0, 7
+        t += high * x0[None, :]
+        t += low * (16.0 * x7)[None, :]
+        # Per group sum(v x') = X' + sum(q x) / 16 with X' the sum of x', and sum((q - z) x) = sum(q x) - z X.
         t_group = tl.sum(tl.reshape(t, (TILE_N, GROUPS, WORDS)), axis=2)
-        x_group = tl.sum(tl.reshape(tl.sum(x8, axis=1), (GROUPS, WORDS)), axis=1)  # of the normalized x
-        acc += s_now.to(tl.float32) * (16.0 * t_group - (16.0 + z_now.to(tl.float32)) * x_group[None, :])
+        # X and X' per group in one reduction (of the normalized x)
+        # from the planes, not from x8: a second use of x8 made Triton split it twice, once through shared memory
+        x_high, x_low = (x0 + x1) + (x2 + x3), (x4 + x5) + (x6 + x7)
+        x_word, x_scaled_word = x_high + x_low, x_high + 16.0 * x_low
+        x_sums = tl.sum(tl.reshape(tl.join(x_word, x_scaled_word), (GROUPS, WORDS, 2)), axis=1)
+        x_group, x_scaled_group = tl.split(x_sums)
+        acc += s_now.to(tl.float32) * (16.0 * (t_group - x_scaled_group[None, :])
+                                       - z_now.to(tl.float32) * x_group[None, :])
         if not PREFETCH:  # once this tile is used: one tile of registers
             if c + 1 < CHUNKS:
                 w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
@@ -461,6 +487,7 @@ def _launch(kernel, inputs, n, k, group_size, cfg, bias, residual, out, dtype, d
         EVEN=(n % cfg.block_n == 0 and k == cfg.block_k * chunks_per_split * num_splits),
         HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **extra, **launch_options(device),
+        **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )
     return out
 
@@ -499,7 +526,7 @@ def int4_gemv(
         norm = {"NORM": False, "NORM_BLOCK": 1, "NORM_CHUNKS": 0}
         norm_args = (inputs[0], 0.0)
     return _launch(_int4_gemv_kernel, inputs, n, k, group_size, cfg, bias, residual, out, x.dtype, x.device,
-                   extra_args=(MANTISSA_NIBBLE, ONE_F32) + norm_args, part_rows=qweight.shape[0],
+                   extra_args=(HIGH_NIBBLE, LOW_NIBBLE, ONE_F32) + norm_args, part_rows=qweight.shape[0],
                    GATED=gated, PREFETCH=cfg.prefetch, **norm)
 
 
