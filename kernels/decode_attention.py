@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
 
 LOG2E = 1.4426950408889634
@@ -187,7 +188,7 @@ def _reduce_kernel(
     tl.store(out_ptr + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-_INTERPRETED = "Interpreted" in type(_partial_kernel).__name__
+_INTERPRETED = interpreted(_partial_kernel)
 
 
 def _check(q, k_cache, v_cache, length, out, workspace, cfg) -> tuple[int, int, int, int]:

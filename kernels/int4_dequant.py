@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ffchat.kernels.interpreter import interpreted
 from ffchat.quantize.layout import check_packed, dequantize
 
 
@@ -141,7 +142,7 @@ def dequantize_int4(
         G=group_size, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         W_ALIGN=4 if (k // 8) % 4 == 0 else 1,
         EVEN=(n % cfg.block_n == 0 and k % cfg.block_k == 0),
-        SOFT_BF16=out.dtype == torch.bfloat16 and not isinstance(_int4_dequant_kernel, triton.runtime.JITFunction),
+        SOFT_BF16=out.dtype == torch.bfloat16 and interpreted(_int4_dequant_kernel),
         num_warps=cfg.num_warps,
     )
     return out

@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
 from ffchat.model import rms_norm
 from ffchat.quantize.layout import check_packed, dequantize
@@ -627,7 +628,7 @@ def int4_gemv_w4a8(
     if cfg.prefetch:
         raise ValueError("prefetch is a W4A16 option; the W4A8 kernel has none")
     inputs = (act.codes.view(torch.int32), act.scales, act.sums) + tuple(t.contiguous() for t in (qweight, scales, zeros))
-    use_asm = isinstance(_int4_gemv_w4a8_kernel, triton.runtime.JITFunction)  # inline asm cannot be interpreted
+    use_asm = not interpreted(_int4_gemv_w4a8_kernel)  # inline asm cannot be interpreted
     return _launch(_int4_gemv_w4a8_kernel, inputs, n, k, group_size, cfg, bias, residual, out, act.dtype, x.device,
                    USE_ASM=use_asm)
 

@@ -24,15 +24,16 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from ffchat.kernels.interpreter import interpreted
+
 # FFCHAT_PDL=0 launches every kernel the ordinary way: the A/B switch for `ffchat bench`.
 _DISABLED = os.environ.get("FFCHAT_PDL", "1") == "0"
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.cache
 def pdl_enabled(device: torch.device) -> bool:
     """Whether kernels on ``device`` are launched with PDL: CUDA capability 9.0 or later, compiled."""
-    if _DISABLED or _INTERPRETED or device.type != "cuda":
+    if _DISABLED or interpreted(wait_for_inputs) or device.type != "cuda":
         return False
     return torch.cuda.get_device_capability(device)[0] >= 9
 
