@@ -71,11 +71,19 @@ def _triton(weights: BenchWeights, context_length: int) -> Backend:
     return TritonBackend(weights, context_length)
 
 
+def _triton_w4a8(weights: BenchWeights, context_length: int) -> Backend:
+    from ffchat.triton_backend import TritonBackend
+
+    return TritonBackend(weights, context_length, int8_activations=True)
+
+
 BACKENDS: dict[str, BackendEntry] = {
     "reference": BackendEntry(_reference, "ffchat.model.Transformer, eager PyTorch, INT4 weights dequantized to bf16"),
     "torch-compile": BackendEntry(_torch_compile, "gpt-fast recipe: static KV cache, torch.compile reduce-overhead "
                                                   "(CUDA graphs), bf16 activations, tinygemm INT4"),
     "triton": BackendEntry(_triton, "ffchat's fused Triton INT4 kernels, one CUDA graph per decode step"),
+    "triton-w4a8": BackendEntry(_triton_w4a8, "the triton backend with int8 activations (dp4a) for gate/up and "
+                                              "the LM head: opt-in, lossy"),
 }
 BASELINE = "torch-compile"
 DEFAULT_BACKENDS = ("triton", BASELINE, "reference")

@@ -174,6 +174,7 @@ def ppl(
     stride: Optional[int] = typer.Option(None, "--stride", help="Tokens between window starts (default: half the window)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
+    int8_activations: bool = typer.Option(False, "--int8-activations", help="Round the inputs of gate/up and the LM head to int8 per group, as `--backend triton-w4a8` does."),
 ) -> None:
     """Perplexity of a model over a text file, to show what quantization costs."""
     from ffchat.scoring import score_file
@@ -181,7 +182,7 @@ def ppl(
     if int4 and fp16:
         raise FfchatError("choose one of --int4 and --fp16")
     value = score_file(Store().get(model), file, int4=None if not (int4 or fp16) else int4, window=window,
-                       stride=stride, device=device, dtype=dtype, console=err)
+                       stride=stride, device=device, dtype=dtype, int8_activations=int8_activations, console=err)
     print(f"perplexity {value:.3f}")
 
 
@@ -194,7 +195,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Piped: one JSON object per answer (text, token counts, timing)."),
     raw: bool = typer.Option(False, "--raw", help="No chat template: plain text completion."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing after each answer (stderr)."),
-    backend: str = typer.Option("auto", "--backend", help="auto (triton on a GPU with INT4 weights, else reference), reference or triton."),
+    backend: str = typer.Option("auto", "--backend", help="auto (triton on a GPU with INT4 weights, else reference), reference, triton, or triton-w4a8 (int8 activations for gate/up and the LM head: faster, lossy; see `ffchat ppl --int8-activations`)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is a GPU)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
     fp16: bool = typer.Option(False, "--fp16", help="Use the original weights even when INT4 weights exist."),
@@ -225,7 +226,7 @@ def bench(
     model: Optional[str] = typer.Argument(None, help="A stored model (see `ffchat list`) instead of a --shape."),
     shape: Optional[str] = typer.Option(None, "--shape", help="A real model shape with seeded random weights: "
                                         "llama-3.2-1b (default), llama-3.1-8b, qwen2.5-0.5b; tiny, tiny-qwen for a smoke test."),
-    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure: triton, torch-compile (the baseline), reference (default: all three)."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure: triton, triton-w4a8, torch-compile (the baseline), reference (default: triton, torch-compile, reference)."),
     contexts: str = typer.Option("128,512,2048", "--contexts", help="Tokens in the KV cache for the decode timings."),
     prompt: int = typer.Option(512, "--prompt", help="Prompt tokens for prefill speed and time to first token."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write every figure to this JSON file."),

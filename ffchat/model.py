@@ -128,6 +128,23 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * normed.to(x.dtype)
 
 
+def int8_codes(x: Tensor, group_size: int) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per group of ``group_size`` along the last dim: fp32 codes in -127..127 and scales.
+
+    scale = max|x| / 127 per group, code = floor(x / scale + 0.5): what ffchat's W4A8 GEMV
+    feeds its dp4a products. Codes [..., K // G, G], scales [..., K // G].
+    """
+    groups = x.float().unflatten(-1, (-1, group_size))
+    scales = groups.abs().amax(dim=-1).clamp(min=1e-30) / 127.0
+    return torch.floor(groups / scales[..., None] + 0.5).clamp(-127, 127), scales
+
+
+def int8_round(x: Tensor, group_size: int) -> Tensor:
+    """x rounded through ``int8_codes`` and back, in x's dtype: the activation the W4A8 GEMV sees."""
+    codes, scales = int8_codes(x, group_size)
+    return (codes * scales[..., None]).flatten(-2).to(x.dtype)
+
+
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> Tensor:
     """Rotation speed of each pair of dims (fp32), with Llama 3's frequency-dependent scaling if set."""
     inv_freq = 1.0 / rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
@@ -170,13 +187,16 @@ class Transformer:
     """A decoder with a KV cache preallocated for ``max_seq_len`` tokens; load weights with ``load_state_dict``."""
 
     def __init__(self, config: ModelConfig, max_seq_len: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", *, int8_activation_group: int | None = None):
+        """``int8_activation_group``: round the inputs of gate/up and of the LM head to int8 per group of
+        that size (``int8_round``), as the triton backend's W4A8 mode does; None keeps them exact."""
         if config.num_heads % config.num_kv_heads:
             raise FfchatError(f"{config.num_heads} attention heads cannot share {config.num_kv_heads} KV heads")
         if max_seq_len < 1:
             raise FfchatError(f"the context length must be positive, got {max_seq_len}")
         self.config = config
         self.max_seq_len = max_seq_len
+        self.int8_activation_group = int8_activation_group
         self.dtype = dtype
         self.device = torch.device(device)
         self.embed: Tensor | None = None
@@ -229,10 +249,14 @@ class Transformer:
         x = F.embedding(tokens.to(self.device), self.embed)
         for index, layer in enumerate(self.layers):
             x = x + self._attention(index, layer, rms_norm(x, layer.attn_norm, eps), cos, sin, start_pos, mask)
-            x = x + self._mlp(layer, rms_norm(x, layer.mlp_norm, eps))
+            x = x + self._mlp(layer, self._w4a8_input(rms_norm(x, layer.mlp_norm, eps)))
         if last_only:
             x = x[-1:]
-        return F.linear(rms_norm(x, self.norm, eps), self.lm_head).float()
+        return F.linear(self._w4a8_input(rms_norm(x, self.norm, eps)), self.lm_head).float()
+
+    def _w4a8_input(self, x: Tensor) -> Tensor:
+        """x as a W4A8 GEMV sees it (int8 per group) when the model emulates that mode, else x."""
+        return x if self.int8_activation_group is None else int8_round(x, self.int8_activation_group)
 
     def _attention(self, index: int, layer: Layer, x: Tensor, cos: Tensor, sin: Tensor, start_pos: int,
                    mask: Tensor) -> Tensor:

@@ -16,7 +16,8 @@ from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.store import ModelRecord, Store
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "triton", "triton-w4a8")
+TRITON_BACKENDS = ("triton", "triton-w4a8")  # the second: int8 activations for gate/up and the LM head
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Share of free memory (after the weights) the KV cache may take by default.
 KV_CACHE_MEMORY_SHARE = 0.5
@@ -59,10 +60,10 @@ def choose_dtype(requested: str | None, device: torch.device, backend: str = "re
     if requested in (None, "auto"):
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if backend == "triton" else torch.float32
+        return torch.bfloat16 if backend in TRITON_BACKENDS else torch.float32
     if requested not in DTYPES:
         raise FfchatError(f"unknown dtype {requested!r}; choose one of: auto, {', '.join(DTYPES)}")
-    if backend == "triton" and DTYPES[requested] == torch.float32:
+    if backend in TRITON_BACKENDS and DTYPES[requested] == torch.float32:
         raise FfchatError("the triton backend computes in fp16 or bf16", hint="use --dtype bf16, or --backend reference")
     return DTYPES[requested]
 
@@ -141,12 +142,13 @@ def load_weights(record: ModelRecord, dtype: torch.dtype, *, int4: bool) -> tupl
 
 def load_backend(record: ModelRecord, choice: RuntimeChoice, *, int4: bool):
     """Build the chosen backend over the record's weights; return (backend, a label for the weights)."""
-    if choice.backend == "triton":
+    if choice.backend in TRITON_BACKENDS:
         from ffchat.shapes import stored_weights
         from ffchat.triton_backend import TritonBackend
 
         weights = stored_weights(record, int4=True, device=choice.device)
-        backend = TritonBackend(weights, choice.context_length, dtype=choice.dtype)
+        backend = TritonBackend(weights, choice.context_length, dtype=choice.dtype,
+                                int8_activations=choice.backend == "triton-w4a8")
         return backend, f"int4 {weights.quantizer} g{weights.group_size}"
     from ffchat.model import Transformer
     from ffchat.reference_backend import ReferenceBackend

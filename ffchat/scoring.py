@@ -10,9 +10,11 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from ffchat import runtime
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
-from ffchat.int4 import has_int4
+from ffchat.int4 import artifact_dir, has_int4
 from ffchat.model import Transformer
 from ffchat.perplexity import perplexity
+from ffchat.quantize.artifact import read_manifest
+from ffchat.quantize.layout import choose_group_size
 from ffchat.store import ModelRecord
 from ffchat.tokenizer import Tokenizer
 
@@ -36,8 +38,13 @@ def score_file(
     device: str | None,
     dtype: str,
     console: Console,
+    int8_activations: bool = False,
 ) -> float:
-    """Perplexity of ``path`` under the model; ``int4`` None means INT4 when the model has it."""
+    """Perplexity of ``path`` under the model; ``int4`` None means INT4 when the model has it.
+
+    ``int8_activations``: emulate the triton-w4a8 backend (``Transformer(int8_activation_group=...)``)
+    with the activation groups that mode uses, those of the INT4 weights.
+    """
     text = read_text(path)
     config = ModelConfig.from_file(record.model_dir / "config.json")
     tokens = Tokenizer.from_dir(record.model_dir).encode_raw(text)
@@ -46,8 +53,14 @@ def score_file(
     use_int4 = has_int4(record) if int4 is None else int4
     torch_device = runtime.choose_device(device, console)
     torch_dtype = runtime.choose_dtype(dtype, torch_device)
+    if int8_activations and not use_int4:
+        raise FfchatError("--int8-activations scores the INT4 weights", hint="leave out --fp16")
     state, label = runtime.load_weights(record, torch_dtype, int4=use_int4)
-    model = Transformer(config, window, dtype=torch_dtype, device=torch_device)
+    group = None
+    if int8_activations:  # the W4A8 GEMVs quantize x in the weights' groups along K = hidden
+        group = choose_group_size(config.hidden_size, int(read_manifest(artifact_dir(record))["group_size"]))
+        label += f", int8 activations g{group}"
+    model = Transformer(config, window, dtype=torch_dtype, device=torch_device, int8_activation_group=group)
     model.load_state_dict(state)
     del state
     console.print(f"scoring {len(tokens):,} tokens of {path.name} with {record.name} ({label}), window {window}, stride {stride}")

@@ -29,9 +29,9 @@ from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.kernels.decode_attention import decode_attention, make_workspace
 from ffchat.kernels.int4_dequant import dequantize_int4
-from ffchat.kernels.int4_gemv import int4_gemv
+from ffchat.kernels.int4_gemv import int4_gemv, int4_gemv_w4a8
 from ffchat.kernels.rope_kv import rope_kv_append
-from ffchat.model import attention_mask, rms_norm, rope_tables
+from ffchat.model import attention_mask, int8_round, rms_norm, rope_tables
 from ffchat.shapes import EMBED, HEAD, BenchWeights, Int4Linear
 
 # Tokens per prefill pass: bounds the activations and the attention mask of a long prompt.
@@ -83,7 +83,11 @@ class TritonBackend:
     """One conversation's KV cache and decode graph over INT4 weights (see ffchat.backend.Backend)."""
 
     def __init__(self, weights: BenchWeights, context_length: int, *, dtype: torch.dtype = torch.bfloat16,
-                 name: str = "triton", use_graph: bool | None = None):
+                 name: str | None = None, use_graph: bool | None = None, int8_activations: bool = False):
+        """``int8_activations``: the W4A8 mode, where gate/up and the LM head read their input rounded to
+        int8 per weight group (dp4a products, ~1e-2 relative error per output; see `ffchat ppl
+        --int8-activations` for what it costs a model). The other GEMVs, where int8 measured no faster,
+        stay W4A16."""
         if not weights.int4:
             raise FfchatError("the triton backend runs INT4 weights", hint="run `ffchat quantize` first, or use "
                                                                            "--backend reference")
@@ -93,7 +97,8 @@ class TritonBackend:
         if dtype not in ACTIVATION_DTYPES:
             raise FfchatError(f"the triton backend computes in fp16 or bf16, not {str(dtype).removeprefix('torch.')}")
         config = self.config = weights.config
-        self.name = name
+        self.int8_activations = int8_activations
+        self.name = name or ("triton-w4a8" if int8_activations else "triton")
         self.dtype = dtype
         self.context_length = context_length
         self.position = 0
@@ -189,18 +194,21 @@ class TritonBackend:
             attention = decode_attention(q[0], self.k_cache[index], self.v_cache[index], length,
                                          sliding_window=config.sliding_window, workspace=self.attention_workspace)
             x = self._gemv(attention.view(-1), layer.o, bias=layer.o_bias, residual=x)
-            hidden = self._gemv(x, layer.gate_up, bias=layer.gate_up_bias, norm_weight=layer.mlp_norm, gated=True)
+            hidden = self._gemv(x, layer.gate_up, bias=layer.gate_up_bias, norm_weight=layer.mlp_norm, gated=True,
+                                int8=self.int8_activations)
             x = self._gemv(hidden, layer.down, bias=layer.down_bias, residual=x)
         self.logits.copy_(self._head(x))
 
-    def _gemv(self, x: Tensor, linear: Int4Linear, **epilogue) -> Tensor:
-        return int4_gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size,
-                         norm_eps=self.config.rms_norm_eps, **epilogue)
+    def _gemv(self, x: Tensor, linear: Int4Linear, *, int8: bool = False, **epilogue) -> Tensor:
+        """W4A16, or with ``int8`` W4A8 (x rounded to int8 per group, after the norm if one is given)."""
+        gemv = int4_gemv_w4a8 if int8 else int4_gemv
+        return gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size,
+                    norm_eps=self.config.rms_norm_eps, **epilogue)
 
     def _head(self, x: Tensor) -> Tensor:
         """Final norm and LM head of one hidden vector: logits [vocab] in the activation dtype."""
         if isinstance(self.head, Int4Linear):
-            return self._gemv(x, self.head, norm_weight=self.final_norm)
+            return self._gemv(x, self.head, norm_weight=self.final_norm, int8=self.int8_activations)
         return F.linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.head)
 
     def _capture(self) -> None:
@@ -235,7 +243,10 @@ class TritonBackend:
             attention = self._prompt_attention(q.transpose(0, 1), self.k_cache[index, :, :end],
                                                self.v_cache[index, :, :end], mask)
             x = x + self._matmul(attention.transpose(0, 1).reshape(count, -1), layer.o, layer.o_bias)
-            gate, up = self._matmul(rms_norm(x, layer.mlp_norm, eps), layer.gate_up, layer.gate_up_bias).chunk(2, -1)
+            mlp_in = rms_norm(x, layer.mlp_norm, eps)
+            if self.int8_activations:  # the prompt sees the rounding its decoded tokens will see
+                mlp_in = int8_round(mlp_in, layer.gate_up.group_size)
+            gate, up = self._matmul(mlp_in, layer.gate_up, layer.gate_up_bias).chunk(2, -1)
             x = x + self._matmul(F.silu(gate) * up, layer.down, layer.down_bias)
         self.position = end
         return x[-1]

@@ -49,7 +49,7 @@ import triton.language as tl
 
 from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
-from ffchat.model import rms_norm
+from ffchat.model import int8_codes, rms_norm
 from ffchat.quantize.layout import check_packed, dequantize
 
 # Passed as run-time arguments, not constants: with one operand in the constant bank,
@@ -370,13 +370,24 @@ def _int4_gemv_w4a8_kernel(
     N, K,
     CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, USE_ASM: tl.constexpr,
-    PDL: tl.constexpr,
+    GATED: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Same tiling as the W4A16 kernel; x is int8 words (xq_ptr as int32: word 2j = x[8j..8j+3]), per-group scale/sum."""
+    """Same tiling as the W4A16 kernel; x is int8 words (xq_ptr as int32: word 2j = x[8j..8j+3]), per-group scale/sum.
+
+    GATED: N = I outputs from [gate; up] rows, interleaved in the tile as in the W4A16 kernel.
+    """
     GROUPS: tl.constexpr = BLOCK_K // G
     WORDS: tl.constexpr = G // 8
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
+    if GATED:
+        TILE_N: tl.constexpr = 2 * BLOCK_N
+        r = tl.arange(0, TILE_N)
+        out_rows = tl.program_id(0) * BLOCK_N + r // 2
+        rows = out_rows + (r % 2) * N
+        row_ok = out_rows < N
+    else:
+        TILE_N: tl.constexpr = BLOCK_N
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
     grp = tl.arange(0, GROUPS)
     word = tl.arange(0, WORDS)
     groups_per_row = K // G
@@ -386,7 +397,7 @@ def _int4_gemv_w4a8_kernel(
     wait_for_inputs(PDL)
     release_dependents(PDL)
 
-    acc = tl.zeros((BLOCK_N, GROUPS), dtype=tl.float32)
+    acc = tl.zeros((TILE_N, GROUPS), dtype=tl.float32)
     for c in range(CHUNKS):
         g0 = (tl.program_id(1) * CHUNKS + c) * GROUPS
         g_ok = (g0 + grp) < groups_per_row
@@ -399,16 +410,26 @@ def _int4_gemv_w4a8_kernel(
         xq_sum = tl.load(xsum_ptr + g0 + grp, mask=g_ok, other=0.0)
         acc += s * xs[None, :] * (tl.sum(d, axis=2).to(tl.float32) - z * xq_sum[None, :])
     _finish(tl.sum(acc, axis=1), rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
-            SPLITS, HAS_BIAS, HAS_RES)
+            SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
 @triton.jit
-def _quantize_x_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, num_groups, G: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Symmetric int8 per group of G: scale = max|x| / 127, q = floor(x / scale + 0.5); also sum(q) per group."""
+def _quantize_x_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, nw_ptr, num_groups, K, eps, G: tl.constexpr,
+                       BLOCK_G: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr):
+    """Symmetric int8 per group of G: scale = max|x| / 127, q = floor(x / scale + 0.5); also sum(q) per group.
+
+    NORM: quantize rms_norm(x) * nw instead, rounded to x's dtype as the W4A16 kernel's fused norm does.
+    """
     grp = tl.program_id(0) * BLOCK_G + tl.arange(0, BLOCK_G)
     ok = grp < num_groups
     offs = grp[:, None] * G + tl.arange(0, G)[None, :]
-    x = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0)
+    if NORM:  # every program sums x^2 over all of K first (x is small and in L2)
+        rstd = _rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS)
+        x_dtype = x_ptr.dtype.element_ty
+        x = (x.to(tl.float32) * rstd).to(x_dtype).to(tl.float32)
+        x = (x * tl.load(nw_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)).to(x_dtype)
+    x = x.to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-30) / 127.0
     q = tl.minimum(tl.maximum(tl.floor(x / scale[:, None] + 0.5), -127.0), 127.0)
     tl.store(xq_ptr + offs, q.to(tl.int8), mask=ok[:, None])
@@ -548,22 +569,20 @@ def int4_gemv_reference(
 
     The epilogue adds bias/residual, or with ``gated`` returns silu(gate + b_gate) * (up + b_up).
     """
-    if gated and residual is not None:
-        raise ValueError("residual cannot be combined with gated")
     x_in = x if norm_weight is None else rms_norm(x, norm_weight, norm_eps).to(x.dtype)
     y = dequantize(qweight, scales, zeros, group_size) @ x_in.float()
-    if gated:
-        if bias is not None:
-            y = y + bias.float()
-        gate, up = y.chunk(2)
-        return (torch.nn.functional.silu(gate) * up).to(x.dtype)
-    return _add_and_cast(y, bias, residual, x.dtype)
+    return _reference_epilogue(y, bias, residual, gated, x.dtype)
 
 
-def _add_and_cast(y: torch.Tensor, bias, residual, dtype: torch.dtype) -> torch.Tensor:
-    """The references' epilogue: fp32 adds, one final rounding."""
+def _reference_epilogue(y: torch.Tensor, bias, residual, gated: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The references' epilogue in fp32, one final rounding: + bias + residual, or silu(gate) * up when gated."""
+    if gated and residual is not None:
+        raise ValueError("residual cannot be combined with gated")
     if bias is not None:
         y = y + bias.float()
+    if gated:
+        gate, up = y.chunk(2)
+        return (torch.nn.functional.silu(gate) * up).to(dtype)
     if residual is not None:
         y = y + residual.float()
     return y.to(dtype)
@@ -578,11 +597,17 @@ class Int8Activation(NamedTuple):
     dtype: torch.dtype  # the dtype of the x it came from: the GEMV's output dtype
 
 
-def quantize_activation(x: torch.Tensor, group_size: int) -> Int8Activation:
-    """One launch; reuse the result for every W4A8 GEMV that reads the same x (q/k/v, gate/up)."""
+def quantize_activation(x: torch.Tensor, group_size: int, *, norm_weight: torch.Tensor | None = None,
+                        norm_eps: float = 1e-6) -> Int8Activation:
+    """One launch; reuse the result for every W4A8 GEMV that reads the same x (q/k/v, gate/up).
+
+    ``norm_weight``: quantize ``ffchat.model.rms_norm(x, norm_weight, norm_eps)`` (in x's dtype) instead.
+    """
     k = x.numel()
     if x.dim() != 1 or x.dtype not in (torch.float16, torch.bfloat16) or k % group_size or k % 8:
         raise ValueError(f"x must be a 1-D fp16/bf16 vector whose length is a multiple of {group_size} and 8")
+    if norm_weight is not None and tuple(norm_weight.shape) != (k,):
+        raise ValueError(f"norm_weight must be a [{k}] vector, got {tuple(norm_weight.shape)}")
     num_groups = k // group_size
     act = Int8Activation(
         torch.empty(k, dtype=torch.int8, device=x.device),
@@ -591,17 +616,21 @@ def quantize_activation(x: torch.Tensor, group_size: int) -> Int8Activation:
         x.dtype,
     )
     block_g = max(1, min(triton.next_power_of_2(num_groups), 4096 // group_size))
+    norm_block = min(triton.next_power_of_2(k), 4096)
+    x = x.contiguous()
     _quantize_x_kernel[(triton.cdiv(num_groups, block_g),)](
-        x.contiguous(), act.codes, act.scales, act.sums, num_groups, G=group_size, BLOCK_G=block_g
+        x, act.codes, act.scales, act.sums, norm_weight.contiguous() if norm_weight is not None else x,
+        num_groups, k, float(norm_eps), G=group_size, BLOCK_G=block_g, NORM=norm_weight is not None,
+        NORM_BLOCK=norm_block, NORM_CHUNKS=triton.cdiv(k, norm_block),
     )
     return act
 
 
-def quantize_activation_reference(x: torch.Tensor, group_size: int) -> Int8Activation:
+def quantize_activation_reference(x: torch.Tensor, group_size: int, *, norm_weight: torch.Tensor | None = None,
+                                  norm_eps: float = 1e-6) -> Int8Activation:
     """Plain torch version of ``quantize_activation`` (same rounding: floor(x / scale + 0.5))."""
-    groups = x.float().view(-1, group_size)
-    scales = groups.abs().amax(dim=1).clamp(min=1e-30) / 127.0
-    codes = torch.floor(groups / scales[:, None] + 0.5).clamp(-127, 127)
+    x_in = x if norm_weight is None else rms_norm(x, norm_weight, norm_eps).to(x.dtype)
+    codes, scales = int8_codes(x_in, group_size)
     return Int8Activation(codes.to(torch.int8).view(-1), scales, codes.sum(dim=1), x.dtype)
 
 
@@ -617,20 +646,26 @@ def int4_gemv_w4a8(
     out: torch.Tensor | None = None,
     config: GemvConfig | None = None,
     act: Int8Activation | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    gated: bool = False,
 ) -> torch.Tensor:
     """Opt-in W4A8: x quantized to int8 per group of G (or ``act``, already quantized), dp4a products.
 
-    Costs ~1e-2 relative error against fp16 activations; measure perplexity before choosing it.
+    ``norm_weight`` (ignored with ``act``) and ``gated`` as in ``int4_gemv``: the RMSNorm runs in
+    the quantizing launch, the SwiGLU in the GEMV's epilogue. Costs ~1e-2 relative error against
+    fp16 activations; measure perplexity before choosing it.
     """
-    n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out)
-    act = act or quantize_activation(x, group_size)
-    cfg = config or pick_config(n, k, group_size, W4A8_CONFIG_TABLE)
+    n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
+                         norm_weight=norm_weight)
+    act = act or quantize_activation(x, group_size, norm_weight=norm_weight, norm_eps=norm_eps)
+    cfg = config or pick_config(qweight.shape[0], k, group_size, W4A8_CONFIG_TABLE, gated=gated)
     if cfg.prefetch:
         raise ValueError("prefetch is a W4A16 option; the W4A8 kernel has none")
     inputs = (act.codes.view(torch.int32), act.scales, act.sums) + tuple(t.contiguous() for t in (qweight, scales, zeros))
     use_asm = not interpreted(_int4_gemv_w4a8_kernel)  # inline asm cannot be interpreted
     return _launch(_int4_gemv_w4a8_kernel, inputs, n, k, group_size, cfg, bias, residual, out, act.dtype, x.device,
-                   USE_ASM=use_asm)
+                   part_rows=qweight.shape[0], USE_ASM=use_asm, GATED=gated)
 
 
 def int4_gemv_w4a8_reference(
@@ -642,9 +677,12 @@ def int4_gemv_w4a8_reference(
     *,
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    gated: bool = False,
 ) -> torch.Tensor:
     """W4A16 reference applied to the int8-rounded x (what the W4A8 kernel computes exactly, up to fp32 sums)."""
-    act = quantize_activation_reference(x, group_size)
+    act = quantize_activation_reference(x, group_size, norm_weight=norm_weight, norm_eps=norm_eps)
     x_rounded = (act.codes.float().view(-1, group_size) * act.scales[:, None]).view(-1)
     y = dequantize(qweight, scales, zeros, group_size) @ x_rounded
-    return _add_and_cast(y, bias, residual, x.dtype)
+    return _reference_epilogue(y, bias, residual, gated, x.dtype)

@@ -204,15 +204,14 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def read_artifact(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Load (tensors, manifest) from ``directory``, checking the layout version and every INT4 tensor."""
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of the artifact in ``directory``, checked for the layout version this ffchat reads."""
     directory = Path(directory)
     if not (directory / MANIFEST_FILE).is_file():
         raise FfchatError(f"no INT4 artifact in {directory}", hint="quantize the model with `ffchat quantize`")
     try:
         manifest = yaml.safe_load((directory / MANIFEST_FILE).read_text())
-        tensors = load_file(directory / MODEL_FILE)
-    except (OSError, yaml.YAMLError, SafetensorError) as exc:
+    except (OSError, yaml.YAMLError) as exc:
         raise FfchatError(f"the INT4 artifact in {directory} is unreadable: {exc}", hint=REQUANTIZE_HINT) from exc
     if not isinstance(manifest, dict):
         raise FfchatError(f"the INT4 artifact in {directory} has no valid manifest", hint=REQUANTIZE_HINT)
@@ -222,6 +221,16 @@ def read_artifact(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, A
             f"the INT4 artifact in {directory} has layout version {version}; this ffchat reads version {LAYOUT_VERSION}",
             hint=REQUANTIZE_HINT,
         )
+    return manifest
+
+
+def read_artifact(directory: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load (tensors, manifest) from ``directory``, checking the layout version and every INT4 tensor."""
+    manifest = read_manifest(directory)
+    try:
+        tensors = load_file(Path(directory) / MODEL_FILE)
+    except (OSError, SafetensorError) as exc:
+        raise FfchatError(f"the INT4 artifact in {directory} is unreadable: {exc}", hint=REQUANTIZE_HINT) from exc
     problem = _problem(tensors, manifest)
     if problem:
         raise FfchatError(f"the INT4 artifact in {directory} is damaged: {problem}", hint=REQUANTIZE_HINT)

@@ -176,6 +176,41 @@ def test_w4a8_reuses_a_quantized_activation_and_stays_near_w4a16():
     assert rel_err(y, gemv.int4_gemv_reference(x, qweight, scales, zeros, group)) < 2e-2  # the int8 price
 
 
+@pytest.mark.parametrize("k, group", [(64, 32), (576, 64)])
+def test_quantize_activation_with_norm(k, group):
+    """The quantizing launch can run the RMSNorm first: the same codes as quantizing ffchat.model.rms_norm(x).
+
+    fp16, because the interpreter truncates where a GPU rounds to bf16 (see truncating_bf16_reference).
+    """
+    x = rand(k, torch.float16, seed=k + 1) * 3 + 0.5
+    norm_weight = (torch.rand(k, generator=torch.Generator().manual_seed(k)) + 0.5).to(DEVICE, torch.float16)
+    act = gemv.quantize_activation(x, group, norm_weight=norm_weight, norm_eps=1e-5)
+    ref = gemv.quantize_activation_reference(x, group, norm_weight=norm_weight, norm_eps=1e-5)
+    plain = gemv.quantize_activation_reference(x, group)
+    assert (act.codes.int() - ref.codes.int()).abs().max() <= 1
+    assert torch.allclose(act.scales, ref.scales, rtol=1e-5)
+    assert not torch.allclose(ref.scales, plain.scales), "the norm must change the scales of this x"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [None, gemv.GemvConfig(block_n=4, block_k=64, num_warps=4, split_k=3)],
+                         ids=["table", "bn4-s3"])
+def test_w4a8_norm_and_gated(cfg, dtype):
+    """[gate; up] rows, norm in the quantizing launch, SwiGLU in the epilogue; 20 outputs, so the last block is partial."""
+    i_out, k, group = 20, 192, 64
+    qweight, scales, zeros = make_weights(2 * i_out, k, group, seed=41)
+    x, norm_weight = norm_inputs(k, dtype, 42)
+    bias = rand(2 * i_out, dtype, 43)
+    out = torch.full((i_out,), float("nan"), dtype=dtype, device=DEVICE)
+    gemv.int4_gemv_w4a8(x, qweight, scales, zeros, group, bias=bias, out=out, config=cfg, norm_weight=norm_weight,
+                        gated=True)
+    ref = gemv.int4_gemv_w4a8_reference(x, qweight, scales, zeros, group, bias=bias, norm_weight=norm_weight, gated=True)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]
+    w4a16 = gemv.int4_gemv_reference(x, qweight, scales, zeros, group, bias=bias, norm_weight=norm_weight, gated=True)
+    assert rel_err(out, w4a16) < 5e-2  # the int8 price, not a wrong operand
+
+
 # --- Fusions (W4A16): input RMSNorm (norm_weight) and SwiGLU (gated: [gate; up] rows) ---
 
 

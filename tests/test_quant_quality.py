@@ -30,6 +30,7 @@ WINDOW = "1024"
 # Layout v1 at group 32: 4 bits plus an fp16 scale and zero per 32 weights, over bf16's 16 bits.
 # That is exactly Q4_1's 20 bytes per 32 weights: the artifact keeps the GGUF's blocks at their size.
 GROUP_32_RATIO = (4 + (16 + 16) / 32) / 16
+W4A8_PERPLEXITY_BUDGET = 1.02  # int8 activations may cost at most 2% perplexity over W4A16
 
 
 def license_text(directory: Path, tokenizer_dir: Path) -> str:
@@ -43,8 +44,8 @@ def license_text(directory: Path, tokenizer_dir: Path) -> str:
     pytest.skip(f"the files in {directory} hold fewer than {MIN_TOKENS} tokens")
 
 
-def perplexity(env: dict, text: Path, weights: str) -> tuple[float, int]:
-    result = ffchat("ppl", NAME, weights, "--file", str(text), "--window", WINDOW, "--stride", WINDOW,
+def perplexity(env: dict, text: Path, *options: str) -> tuple[float, int]:
+    result = ffchat("ppl", NAME, *options, "--file", str(text), "--window", WINDOW, "--stride", WINDOW,
                     timeout=600, **env)
     assert result.returncode == 0, result.stderr
     tokens = int(re.search(r"scoring ([\d,]+) tokens", result.stderr)[1].replace(",", ""))
@@ -72,6 +73,7 @@ def measured(smollm2_gguf_path, tmp_path_factory):
     figures = {"fp": perplexity(env, text, "--fp16")}
     figures["default_output"] = quantize(env)
     figures["default"] = perplexity(env, text, "--int4")
+    figures["w4a8"] = perplexity(env, text, "--int4", "--int8-activations")
     artifact = load_file(record.record_dir / "int4" / "model.safetensors")
     figures["answer"] = ffchat("run", NAME, "--temperature", "0", input="What is the capital of France?\n", **env)
     figures["rtn_output"] = quantize(env, "--method", "rtn")
@@ -81,7 +83,7 @@ def measured(smollm2_gguf_path, tmp_path_factory):
 
 
 def test_text_is_long_enough(measured):
-    assert all(measured[kind][1] >= MIN_TOKENS for kind in ("fp", "default", "rtn"))
+    assert all(measured[kind][1] >= MIN_TOKENS for kind in ("fp", "default", "w4a8", "rtn"))
 
 
 def test_default_is_within_5_percent_of_the_original(measured):
@@ -94,6 +96,13 @@ def test_default_is_within_5_percent_of_the_original(measured):
 def test_default_is_no_worse_than_rtn(measured):
     assert "with rtn" in measured["rtn_output"]
     assert measured["default"][0] <= measured["rtn"][0], (measured["default"][0], measured["rtn"][0])
+
+
+def test_int8_activations_cost_little(measured):
+    """The triton-w4a8 mode's rounding (gate/up and LM head inputs to int8 per group of 32), emulated."""
+    w4a8, default = measured["w4a8"][0], measured["default"][0]
+    assert w4a8 != default, "the emulation must change something"
+    assert w4a8 <= W4A8_PERPLEXITY_BUDGET * default, (w4a8, default)
 
 
 def test_paris_after_quantizing(measured):

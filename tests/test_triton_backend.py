@@ -14,6 +14,7 @@ from factory import FAMILIES, MAX_POSITIONS, VOCAB_SIZE
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.model import Transformer
+from ffchat.quantize.layout import choose_group_size
 from ffchat.reference_backend import ReferenceBackend
 from ffchat.shapes import random_weights
 from ffchat.triton_backend import TritonBackend, unsupported_reason
@@ -33,12 +34,15 @@ def tiny_config(family: str) -> ModelConfig:
                                 "max_position_embeddings": MAX_POSITIONS})
 
 
-def backends(family: str, seed: int = 0):
+def backends(family: str, seed: int = 0, *, int8_activations: bool = False):
+    """(reference, triton) over the same INT4 weights; with ``int8_activations`` the W4A8 mode and its emulation."""
     config = tiny_config(family)
     weights = random_weights(config, label=family, int4=True, seed=seed, group_size=32, device="cpu")
-    model = Transformer(config, CONTEXT, dtype=torch.float32)
+    group = choose_group_size(config.hidden_size, 32) if int8_activations else None  # the weights' groups along K
+    model = Transformer(config, CONTEXT, dtype=torch.float32, int8_activation_group=group)
     model.load_state_dict(weights.reference_state_dict())
-    return ReferenceBackend(model), TritonBackend(weights, CONTEXT, dtype=torch.float16)
+    return ReferenceBackend(model), TritonBackend(weights, CONTEXT, dtype=torch.float16,
+                                                  int8_activations=int8_activations)
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -58,6 +62,25 @@ def test_prefill_and_decode_match_the_reference(family):
         assert_close(triton.decode(token), want)
         token = int(want.argmax())
     assert triton.position == reference.position == 24
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_w4a8_mode_matches_its_emulation_and_stays_near_w4a16(family):
+    """gate/up and the LM head on int8 activations: the reference model rounding the same inputs agrees."""
+    reference, triton = backends(family, int8_activations=True)
+    assert triton.name == "triton-w4a8"
+    exact, _ = backends(family)  # same seed: same weights, activations kept exact
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    for backend in (reference, triton, exact):
+        backend.prefill(prompt)
+    token = 7
+    for _ in range(3):
+        want = reference.decode(token)
+        got = triton.decode(token)
+        assert_close(got, want)
+        w4a16 = exact.decode(token)
+        assert (want - w4a16).abs().max() > 0, "the emulation must round something"
+        token = int(want.argmax())
 
 
 def test_a_prompt_after_a_rewind_continues_from_the_cache():

@@ -141,6 +141,22 @@ def test_norm_gated_mlp(gemv, i, k):
     assert rel_err(split, ref) < 1.5e-2
 
 
+@pytest.mark.parametrize("i, k", [(8192, 2048), (14336, 4096)], ids=["llama-1b", "llama-8b"])
+def test_w4a8_norm_gated_mlp(gemv, i, k):
+    """The W4A8 mode's gate/up: norm in the quantizing launch, dp4a products, SwiGLU in the epilogue."""
+    qweight, scales, zeros = weights(2 * i, k, seed=i + k + 1)
+    x, norm_weight = norm_inputs(k, seed=i + 1)
+    out = torch.full((i,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    gemv.int4_gemv_w4a8(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, norm_eps=1e-5, gated=True, out=out)
+    assert torch.isfinite(out).all(), "some outputs were never written"
+    ref = gemv.int4_gemv_w4a8_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, norm_eps=1e-5,
+                                        gated=True)
+    assert rel_err(out, ref) < 1.5e-2
+    w4a16 = gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, norm_eps=1e-5,
+                                     gated=True)
+    assert rel_err(out, w4a16) < 5e-2
+
+
 def test_norm_gated_under_cuda_graph_replay(gemv):
     """The fused MLP input op as a decode graph uses it: split-K counters and new x on every replay."""
     i, k = 8192, 2048

@@ -61,6 +61,19 @@ def test_llama_8b_decode_matches_the_reference():
         assert rel_err(triton.decode(token), reference.decode(token)) < 3e-2
 
 
+def test_w4a8_mode_decodes_like_its_emulation():
+    """triton-w4a8 against the reference model rounding the inputs of gate/up and the LM head the same way."""
+    weights = random_weights(shape_config("llama-3.2-1b"), label="llama-3.2-1b", int4=True, seed=0)
+    model = Transformer(weights.config, 256, dtype=torch.float32, device="cuda", int8_activation_group=weights.group_size)
+    model.load_state_dict(weights.reference_state_dict())
+    reference, triton = ReferenceBackend(model), TritonBackend(weights, 256, int8_activations=True)
+    prompt = list(range(2000, 2040))
+    assert rel_err(triton.prefill(prompt), reference.prefill(prompt)) < 3e-2
+    for token in (5, 17, 4242, 99):
+        assert rel_err(triton.decode(token), reference.decode(token)) < 3e-2
+    assert triton.captures == 1
+
+
 def test_an_8k_context_is_correct():
     weights, reference = build("llama-3.2-1b", 8192, torch.bfloat16)
     triton = TritonBackend(weights, 8192)
