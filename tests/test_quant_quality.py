@@ -101,6 +101,7 @@ def test_default_is_no_worse_than_rtn(measured):
 def test_int8_activations_cost_little(measured):
     """The triton-w4a8 mode's rounding (gate/up and LM head inputs to int8 per group of 32), emulated."""
     w4a8, default = measured["w4a8"][0], measured["default"][0]
+    print(f"perplexity: fp {measured['fp'][0]:.3f}, INT4 {default:.3f}, INT4 with int8 activations {w4a8:.3f}")
     assert w4a8 != default, "the emulation must change something"
     assert w4a8 <= W4A8_PERPLEXITY_BUDGET * default, (w4a8, default)
 
