@@ -263,6 +263,24 @@ def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, wo
 
 
 @triton.jit
+def _tile_rows(N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """This program's weight rows and which of them exist (masks for N % BLOCK_N).
+
+    GATED: N = I outputs from [gate; up] rows; tile row 2i is gate row n = first + i, tile row
+    2i + 1 is up row n + N, so one x tile feeds both and the epilogue pairs them.
+    """
+    if GATED:
+        r = tl.arange(0, 2 * BLOCK_N)
+        out_rows = tl.program_id(0) * BLOCK_N + r // 2
+        rows = out_rows + (r % 2) * N
+        row_ok = out_rows < N
+    else:
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+    return rows, row_ok
+
+
+@triton.jit
 def _int4_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
     N, K, high_mask, low_mask, one, nw_ptr, eps,
@@ -275,16 +293,8 @@ def _int4_gemv_kernel(
     GROUPS: tl.constexpr = BLOCK_K // G  # groups per tile
     WORDS: tl.constexpr = G // 8  # int32 words per group
     COLS: tl.constexpr = BLOCK_K // 8  # words per tile row
-    if GATED:  # tile row 2i is gate row n = first + i, tile row 2i + 1 is up row n + N
-        TILE_N: tl.constexpr = 2 * BLOCK_N
-        r = tl.arange(0, TILE_N)
-        out_rows = tl.program_id(0) * BLOCK_N + r // 2
-        rows = out_rows + (r % 2) * N
-        row_ok = out_rows < N
-    else:
-        TILE_N: tl.constexpr = BLOCK_N
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+    TILE_N: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
+    rows, row_ok = _tile_rows(N, BLOCK_N, GATED)
     col = tl.arange(0, COLS)
     grp = tl.arange(0, GROUPS)
     words_per_row = K // 8
@@ -386,16 +396,8 @@ def _int4_gemv_w4a8_kernel(
     """
     GROUPS: tl.constexpr = BLOCK_K // G
     WORDS: tl.constexpr = G // 8
-    if GATED:
-        TILE_N: tl.constexpr = 2 * BLOCK_N
-        r = tl.arange(0, TILE_N)
-        out_rows = tl.program_id(0) * BLOCK_N + r // 2
-        rows = out_rows + (r % 2) * N
-        row_ok = out_rows < N
-    else:
-        TILE_N: tl.constexpr = BLOCK_N
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_ok = rows < N
+    TILE_N: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
+    rows, row_ok = _tile_rows(N, BLOCK_N, GATED)
     grp = tl.arange(0, GROUPS)
     word = tl.arange(0, WORDS)
     groups_per_row = K // G
