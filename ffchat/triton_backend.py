@@ -10,6 +10,11 @@ but three integers. A prompt is prefilled in chunks: each INT4 weight is
 dequantized into one reusable scratch buffer and multiplied with torch (cuBLAS),
 attention by torch SDPA over the cache.
 
+``int8_activations`` (backend name ``triton-w4a8``) is an opt-in, lossy mode: the
+norm+gate/up and final norm+LM head GEMVs become a small launch that normalizes
+and rounds x to int8 per weight group, then a W4A8 GEMV (dp4a); see BENCHMARKS.md
+for what it gains and `ffchat ppl --int8-activations` for what it costs.
+
 It is the stepping stone to, and the fallback for, the whole-model kernel, and
 shares its inputs: ``BenchWeights`` (the INT4 artifact) and the KV cache layout
 [layers, kv_heads, context, head_dim].
