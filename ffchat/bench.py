@@ -13,6 +13,7 @@ to an object implementing ``ffchat.backend.Backend``.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import shlex
@@ -65,16 +66,10 @@ def _torch_compile(weights: BenchWeights, context_length: int) -> Backend:
     return backend
 
 
-def _triton(weights: BenchWeights, context_length: int) -> Backend:
+def _triton(weights: BenchWeights, context_length: int, *, int8_activations: bool = False) -> Backend:
     from ffchat.triton_backend import TritonBackend
 
-    return TritonBackend(weights, context_length)
-
-
-def _triton_w4a8(weights: BenchWeights, context_length: int) -> Backend:
-    from ffchat.triton_backend import TritonBackend
-
-    return TritonBackend(weights, context_length, int8_activations=True)
+    return TritonBackend(weights, context_length, int8_activations=int8_activations)
 
 
 BACKENDS: dict[str, BackendEntry] = {
@@ -82,7 +77,7 @@ BACKENDS: dict[str, BackendEntry] = {
     "torch-compile": BackendEntry(_torch_compile, "gpt-fast recipe: static KV cache, torch.compile reduce-overhead "
                                                   "(CUDA graphs), bf16 activations, tinygemm INT4"),
     "triton": BackendEntry(_triton, "ffchat's fused Triton INT4 kernels, one CUDA graph per decode step"),
-    "triton-w4a8": BackendEntry(_triton_w4a8, "the triton backend with int8 activations (dp4a) for gate/up and "
+    "triton-w4a8": BackendEntry(functools.partial(_triton, int8_activations=True), "the triton backend with int8 activations (dp4a) for gate/up and "
                                               "the LM head: opt-in, lossy"),
 }
 BASELINE = "torch-compile"

@@ -245,6 +245,13 @@ def _rms_rstd(x_ptr, K, eps, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr
 
 
 @triton.jit
+def _rms_normalize(x, rstd, nw):
+    """As ``ffchat.model.rms_norm``: x * rstd rounded to x's dtype, times the norm weight, rounded again."""
+    x_dtype = x.dtype
+    return ((x.to(tl.float32) * rstd).to(x_dtype).to(tl.float32) * nw.to(tl.float32)).to(x_dtype)
+
+
+@triton.jit
 def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, words_per_row, groups_per_row,
                   WORDS: tl.constexpr, EVEN: tl.constexpr):
     """The [rows, words] packed tile from group g0 on (streamed: evict first), its scales and zeros [rows, groups]."""
@@ -332,10 +339,8 @@ def _int4_gemv_kernel(
             if c + 1 < CHUNKS:
                 w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
                                         words_per_row, groups_per_row, WORDS, EVEN)
-        if NORM:  # as ffchat.model.rms_norm: x * rstd rounded to x's dtype, times the weight, rounded
-            x_dtype = x_ptr.dtype.element_ty
-            x8 = (x8.to(tl.float32) * rstd).to(x_dtype).to(tl.float32)
-            x8 = (x8 * nw.to(tl.float32)).to(x_dtype)
+        if NORM:
+            x8 = _rms_normalize(x8, rstd, nw)
         x8 = x8.to(tl.float32)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x8, COLS)
         # Four moves put two nibbles each into the windows of _nibble_pair: planes 0-3 land high,
@@ -354,8 +359,8 @@ def _int4_gemv_kernel(
         t += low * (16.0 * x7)[None, :]
         # Per group sum(v x') = X' + sum(q x) / 16 with X' the sum of x', and sum((q - z) x) = sum(q x) - z X.
         t_group = tl.sum(tl.reshape(t, (TILE_N, GROUPS, WORDS)), axis=2)
-        # X and X' per group in one reduction (of the normalized x)
-        # from the planes, not from x8: a second use of x8 made Triton split it twice, once through shared memory
+        # X and X' per group (of the normalized x) in one reduction, summed from the planes: a second
+        # use of x8 made Triton split it twice, once through shared memory.
         x_high, x_low = (x0 + x1) + (x2 + x3), (x4 + x5) + (x6 + x7)
         x_word, x_scaled_word = x_high + x_low, x_high + 16.0 * x_low
         x_sums = tl.sum(tl.reshape(tl.join(x_word, x_scaled_word), (GROUPS, WORDS, 2)), axis=1)
@@ -436,9 +441,7 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, nw_ptr, num_groups, K, e
     x = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0)
     if NORM:  # every program sums x^2 over all of K first (x is small and in L2)
         rstd = _rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS)
-        x_dtype = x_ptr.dtype.element_ty
-        x = (x.to(tl.float32) * rstd).to(x_dtype).to(tl.float32)
-        x = (x * tl.load(nw_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)).to(x_dtype)
+        x = _rms_normalize(x, rstd, tl.load(nw_ptr + offs, mask=ok[:, None], other=0.0))
     x = x.to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-30) / 127.0
     q = tl.minimum(tl.maximum(tl.floor(x / scale[:, None] + 0.5), -127.0), 127.0)
