@@ -1,14 +1,14 @@
 """The Triton backend: INT4 weights through fused Triton kernels, one CUDA graph per decode step.
 
-A decode step is seven launches per layer, each fusing what it can:
-norm+QKV GEMV, RoPE+q/k-norm+KV-append, attention partials (split along the
+A decode step is six launches per layer, each fusing what it can:
+norm+QKV GEMV, RoPE+q/k-norm+KV-append+attention partials (split along the
 sequence), attention reduce, O GEMV+residual, norm+gate/up GEMV+SiLU*up, down
-GEMV+residual; then final norm+LM head. Every launch reads the token, its
-position and the cache length from one device tensor, so the step is captured
-once as a CUDA graph and replayed for every token, with nothing from the host
-but three integers. A prompt is prefilled in chunks: each INT4 weight is
-dequantized into one reusable scratch buffer and multiplied with torch (cuBLAS),
-attention by torch SDPA over the cache.
+GEMV+residual; then final norm+LM head. Every launch reads the token and the
+cache length from one device tensor, so the step is captured once as a CUDA
+graph and replayed for every token, with nothing from the host but two integers,
+copied from pinned memory without blocking the host. A prompt is prefilled in
+chunks: each INT4 weight is dequantized into one reusable scratch buffer and
+multiplied with torch (cuBLAS), attention by torch SDPA over the cache.
 
 ``int8_activations`` (backend name ``triton-w4a8``) is an opt-in, lossy mode: the
 norm+gate/up and final norm+LM head GEMVs become a small launch that normalizes
@@ -118,8 +118,8 @@ class TritonBackend:
         self.k_cache = torch.zeros(cache_shape, dtype=dtype, device=self.device)
         self.v_cache = torch.zeros(cache_shape, dtype=dtype, device=self.device)
         self.rope_cos, self.rope_sin = (t.to(self.device) for t in rope_tables(config, context_length))
-        # (token, position, position + 1): everything the captured step reads from the host.
-        self.step_ids = torch.zeros(3, dtype=torch.int32, device=self.device)
+        # (token, tokens cached once it is appended): everything the captured step reads from the host.
+        self.step_ids = torch.zeros(2, dtype=torch.int32, device=self.device)
         self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=self.device)
         self.attention_workspace = make_workspace(config.num_heads, config.head_dim, context_length,
                                                   device=self.device)
@@ -170,7 +170,10 @@ class TritonBackend:
 
     def decode(self, token: int) -> Tensor:
         check_room_for_token(self)
-        self.step_ids.copy_(torch.tensor([token, self.position, self.position + 1], dtype=torch.int32))
+        # From pinned memory without blocking: the host queues the replay while the GPU still runs the last step
+        # (torch keeps the pinned block until the copy has run).
+        ids = torch.tensor([token, self.position + 1], dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self.step_ids.copy_(ids, non_blocking=True)
         if not self.use_graph:
             self._decode_step()
         elif self.graph is None:
@@ -187,17 +190,16 @@ class TritonBackend:
     # --- decode: the captured step ----------------------------------------------------------
 
     def _decode_step(self) -> None:
-        """One token through every layer, reading (token, position, length) from ``step_ids``."""
+        """One token through every layer, reading (token, length with it) from ``step_ids``."""
         config, eps = self.config, self.config.rms_norm_eps
-        position, length = self.step_ids[1:2], self.step_ids[2:3]
+        length = self.step_ids[1:2]
         x = self.embed.index_select(0, self.step_ids[0:1])[0]
         for index, layer in enumerate(self.layers):
             qkv = self._gemv(x, layer.qkv, bias=layer.qkv_bias, norm_weight=layer.attn_norm)
-            q = rope_kv_append(qkv.view(1, -1), position, self.rope_cos, self.rope_sin, self.k_cache[index],
-                               self.v_cache[index], num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
-                               head_dim=config.head_dim, q_norm=layer.q_norm, k_norm=layer.k_norm, eps=eps)
-            attention = decode_attention(q[0], self.k_cache[index], self.v_cache[index], length,
-                                         sliding_window=config.sliding_window, workspace=self.attention_workspace)
+            attention = decode_attention(qkv, self.k_cache[index], self.v_cache[index], length, self.rope_cos,
+                                         self.rope_sin, num_heads=config.num_heads, q_norm=layer.q_norm,
+                                         k_norm=layer.k_norm, eps=eps, sliding_window=config.sliding_window,
+                                         workspace=self.attention_workspace)
             x = self._gemv(attention.view(-1), layer.o, bias=layer.o_bias, residual=x)
             hidden = self._gemv(x, layer.gate_up, bias=layer.gate_up_bias, norm_weight=layer.mlp_norm, gated=True,
                                 int8=self.int8_activations)

@@ -1,13 +1,17 @@
 """Batch-1 decode attention over a KV cache (GQA, optional sliding window), split along the keys.
 
-One query token attends to keys 0..length-1 of a [Hkv, S, D] cache; query head h reads KV
-head h // (Hq // Hkv), as in ``ffchat.model``. Two launches (flash-decoding):
+The token at position length-1 attends to keys 0..length-1 of a [Hkv, S, D] cache; query
+head h reads KV head h // (Hq // Hkv), as in ``ffchat.model``. Its own q, k and v arrive as
+the fused QKV projection row. Two launches (flash-decoding):
 
 * ``_partial_kernel``, grid (Hkv, splits): each program takes one KV head and one share of
   the attended keys, and runs all Hq / Hkv query heads of the group at once (padded to 16
-  rows for ``tl.dot``), so K and V are read from memory once per group. Online softmax in
-  fp32 over BLOCK_N keys per step; it writes the share's running max, sum of exponentials
-  and unnormalised output to the workspace.
+  rows for ``tl.dot``), so K and V are read from memory once per group. It normalizes
+  (Qwen3) and rotates its q heads itself, and the program whose share ends at the new token
+  rotates that token's key, appends key and value to the cache and attends to them from
+  registers: RoPE and the KV append cost no launch of their own. Online softmax in fp32
+  over BLOCK_N keys per step; it writes the share's running max, sum of exponentials and
+  unnormalised output to the workspace.
 * ``_reduce_kernel``, grid (Hq,): combines the shares with the log-sum-exp rule.
 
 Why the split is dynamic: ``length`` is a device tensor (so one captured CUDA graph serves
@@ -16,6 +20,12 @@ actually attended into ``splits`` equal BLOCK_N-rounded shares. Short contexts s
 over several programs, long ones over all of them; shares past the end do nothing and are
 left out of the reduce, so nothing has to be written for them. No host sync, no allocation
 when a workspace is given.
+
+Under PDL (``ffchat.kernels.pdl``) each program requests its first block of cached keys and
+values, and the RoPE row, before waiting for the QKV projection: no kernel of the step writes
+them (the new token's slot is never read from the cache), so the loads overlap the previous
+kernel's tail. On an H200 that made the fused step faster than a separate RoPE launch; with
+the loads after the wait it was slower (BENCHMARKS.md, 2026-12-02).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import triton.language as tl
 
 from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
+from ffchat.kernels.rope_kv import norm_rope_rows, rope_kv_append_reference
 
 LOG2E = 1.4426950408889634
 MIN_HEAD_ROWS = 16  # tl.dot needs at least 16 rows: a GQA group is padded up to it
@@ -43,18 +54,21 @@ class DecodeAttentionConfig:
     num_stages: int = 2
 
 
-def pick_config(max_seq_len: int, num_kv_heads: int = 1, *, num_sms: int | None = None,
+def pick_config(max_seq_len: int, num_kv_heads: int = 1, head_dim: int = 64, *, num_sms: int | None = None,
                 min_chunk: int = 128, block_n: int = 64) -> DecodeAttentionConfig:
     """Enough programs for ~2 per SM at full length, but no share of a full cache below ``min_chunk`` keys.
 
-    Untuned defaults (no GPU sweep yet). ``num_kv_heads=1`` sizes for the worst case (most splits).
+    ``num_kv_heads=1`` sizes for the worst case (most splits). Heads of 128 dims or more get 8
+    warps: on an H200 the 8B step at context 128-2048 ran 2-3% faster with 8 than with 4,
+    the 64-dim 1B step 1-3% slower (BENCHMARKS.md, 2026-12-02).
     """
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     wanted = triton.next_power_of_2(triton.cdiv(2 * num_sms, num_kv_heads))
     most = max(1, max_seq_len // min_chunk)
     splits = max(1, min(wanted, 1 << (most.bit_length() - 1)))  # powers of two: shares align with BLOCK_N
-    return DecodeAttentionConfig(splits=splits, block_n=max(16, min(block_n, triton.next_power_of_2(max_seq_len))))
+    return DecodeAttentionConfig(splits=splits, block_n=max(16, min(block_n, triton.next_power_of_2(max_seq_len))),
+                                 num_warps=8 if head_dim >= 128 else 4)
 
 
 @dataclass(frozen=True)
@@ -71,7 +85,7 @@ def make_workspace(num_heads: int, head_dim: int, max_seq_len: int, config: Deco
                    *, num_kv_heads: int | None = None, device: str | torch.device | None = None
                    ) -> DecodeAttentionWorkspace:
     """Allocate once (before graph capture); ``decode_attention(..., workspace=ws)`` then uses ``ws.config``."""
-    cfg = config or pick_config(max_seq_len, num_kv_heads or 1)
+    cfg = config or pick_config(max_seq_len, num_kv_heads or 1, head_dim)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     return DecodeAttentionWorkspace(
         cfg,
@@ -93,61 +107,91 @@ def _key_range(len_ptr, S, window, HAS_WINDOW: tl.constexpr, SPLITS: tl.constexp
 
 
 @triton.jit
-def _attend_block(q, k_head, v_head, n0, stop, stride_kn, stride_vn, m_i, l_i, acc, qk_scale,
-                  BLOCK_N: tl.constexpr, D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One online-softmax step over keys n0..n0+BLOCK_N-1; keys >= stop are neither loaded nor weighted."""
+def _load_keys(k_head, v_head, n0, stop, stride_kn, stride_vn, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Cached keys and values n0..n0+BLOCK_N-1 ([BLOCK_N, D] each; rows >= stop read as zero) and their mask."""
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     key_ok = offs_n < stop
-    k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=key_ok[:, None], other=0.0).to(q.dtype)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # log2 units
+    k = tl.load(k_head + offs_n[:, None] * stride_kn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0)
+    return k, v, key_ok
+
+
+@triton.jit
+def _attend_block(q, k, v, key_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """One online-softmax step over a block of keys; masked keys get no weight."""
+    s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # log2 units
     s = tl.where(key_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every step has a valid key
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: every block has a valid key
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
-    v = tl.load(v_head + offs_n[:, None] * stride_vn + offs_d[None, :], mask=key_ok[:, None], other=0.0).to(q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return m_new, l_i * alpha + tl.sum(p, axis=1), acc
 
 
 @triton.jit
 def _partial_kernel(
-    q_ptr, k_ptr, v_ptr, len_ptr, m_ptr, l_ptr, acc_ptr,
-    stride_qh, stride_kh, stride_kn, stride_vh, stride_vn, S, window, qk_scale,
-    GROUP: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
-    PDL: tl.constexpr,
+    qkv_ptr, len_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr,
+    stride_kh, stride_kn, stride_vh, stride_vn, S, table_len, window, qk_scale, eps,
+    HQ: tl.constexpr, HKV: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
 ):
+    GROUP: tl.constexpr = HQ // HKV
     kv = tl.program_id(0)
     split = tl.program_id(1)
-    wait_for_inputs(PDL)
-    release_dependents(PDL)
     lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
+    pos = length - 1  # the token being decoded: its key and value are in qkv, not yet in the cache
     start = lo + split * share
     stop = tl.minimum(start + share, length)
+    cached = tl.minimum(stop, pos)  # keys start..cached-1 come from the cache
+    offs_d = tl.arange(0, D)
+    k_head = k_ptr + kv.to(tl.int64) * stride_kh
+    v_head = v_ptr + kv.to(tl.int64) * stride_vh
+    # Before the wait only what no kernel of this step writes: earlier tokens' keys and the RoPE row.
+    k0, v0, ok0 = _load_keys(k_head, v_head, start, cached, stride_kn, stride_vn, BLOCK_N, D)
+    in_table = (offs_d * 0 + pos < table_len) & (pos >= 0)
+    cos = tl.load(cos_ptr + pos * D + offs_d, mask=in_table, other=0.0)
+    sin = tl.load(sin_ptr + pos * D + offs_d, mask=in_table, other=0.0)
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
     if start < stop:  # shares past the end write nothing: the reduce never reads them
         rows = tl.arange(0, GROUP_ROWS)
         row_ok = rows < GROUP
         heads = kv * GROUP + rows
-        offs_d = tl.arange(0, D)
-        q = tl.load(q_ptr + heads[:, None] * stride_qh + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = norm_rope_rows(qkv_ptr + heads[:, None] * D, row_ok[:, None], q_norm_ptr, cos, sin, eps, D,
+                            HAS_Q_NORM)
+        q = q.to(k_ptr.dtype.element_ty)  # rounded as the separate RoPE launch stored it
         if DOT_FP32:  # K, V and P follow q's dtype into the dots
             q = q.to(tl.float32)
-        k_head = k_ptr + kv.to(tl.int64) * stride_kh
-        v_head = v_ptr + kv.to(tl.int64) * stride_vh
         m_i = tl.full((GROUP_ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((GROUP_ROWS,), dtype=tl.float32)
         acc = tl.zeros((GROUP_ROWS, D), dtype=tl.float32)
+        if start < cached:
+            m_i, l_i, acc = _attend_block(q, k0, v0, ok0, m_i, l_i, acc, qk_scale, DOT_PRECISION)
         if INTERPRET:  # the interpreter cannot run range() to a tensor bound (numpy >= 2.3)
-            n0 = start
-            while n0 < stop:
-                m_i, l_i, acc = _attend_block(q, k_head, v_head, n0, stop, stride_kn, stride_vn, m_i, l_i, acc,
-                                              qk_scale, BLOCK_N, D, DOT_PRECISION)
+            n0 = start + BLOCK_N
+            while n0 < cached:
+                k, v, key_ok = _load_keys(k_head, v_head, n0, cached, stride_kn, stride_vn, BLOCK_N, D)
+                m_i, l_i, acc = _attend_block(q, k, v, key_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
                 n0 += BLOCK_N
         else:
-            for n0 in range(start, stop, BLOCK_N):
-                m_i, l_i, acc = _attend_block(q, k_head, v_head, n0, stop, stride_kn, stride_vn, m_i, l_i, acc,
-                                              qk_scale, BLOCK_N, D, DOT_PRECISION)
+            for n0 in range(start + BLOCK_N, cached, BLOCK_N):
+                k, v, key_ok = _load_keys(k_head, v_head, n0, cached, stride_kn, stride_vn, BLOCK_N, D)
+                m_i, l_i, acc = _attend_block(q, k, v, key_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        if stop == length:  # this share ends at the new token: rotate its key, append it, attend to it
+            one = tl.full((1, 1), 1, tl.int1)
+            k_new = norm_rope_rows(qkv_ptr + (HQ + kv) * D + tl.zeros((1, 1), tl.int32), one, k_norm_ptr, cos,
+                                    sin, eps, D, HAS_K_NORM).to(k_ptr.dtype.element_ty)
+            v_new = tl.load(qkv_ptr + (HQ + HKV + kv) * D + offs_d[None, :])
+            tl.store(k_head + pos * stride_kn + offs_d[None, :], k_new)
+            tl.store(v_head + pos * stride_vn + offs_d[None, :], v_new)
+            s = tl.sum(q.to(tl.float32) * k_new.to(tl.float32), axis=1) * qk_scale
+            m_new = tl.maximum(m_i, s)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new)
+            m_i, l_i = m_new, l_i * alpha + p
+            acc = acc * alpha[:, None] + p[:, None] * v_new.to(tl.float32)
         slot = heads * SPLITS + split
         tl.store(m_ptr + slot, m_i, mask=row_ok)
         tl.store(l_ptr + slot, l_i, mask=row_ok)
@@ -191,88 +235,135 @@ def _reduce_kernel(
 _INTERPRETED = interpreted(_partial_kernel)
 
 
-def _check(q, k_cache, v_cache, length, out, workspace, cfg) -> tuple[int, int, int, int]:
-    if q.dim() != 2 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or q.stride(1) != 1:
-        raise ValueError(f"q must be [Hq, D] fp16/bf16/fp32 with contiguous rows, got {tuple(q.shape)} {q.dtype}")
-    hq, d = q.shape
-    if k_cache.dim() != 3 or tuple(v_cache.shape) != tuple(k_cache.shape) or k_cache.shape[2] != d:
-        raise ValueError(f"k_cache and v_cache must both be [Hkv, S, {d}], got {tuple(k_cache.shape)} "
+def _check(qkv, k_cache, v_cache, length, cos, sin, num_heads, q_norm, k_norm, out, workspace, cfg
+           ) -> tuple[int, int, int, int]:
+    if k_cache.dim() != 3 or tuple(v_cache.shape) != tuple(k_cache.shape):
+        raise ValueError(f"k_cache and v_cache must both be [Hkv, S, D], got {tuple(k_cache.shape)} "
                          f"and {tuple(v_cache.shape)}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if k_cache.stride(2) != 1 or v_cache.stride(2) != 1:
-        raise ValueError("k_cache and v_cache need contiguous head_dim rows")
-    hkv, s = k_cache.shape[:2]
+    hq, (hkv, s, d) = num_heads, k_cache.shape
     if hkv == 0 or hq % hkv:
         raise ValueError(f"{hq} query heads cannot share {hkv} KV heads")
     if d < 16 or d & (d - 1):
         raise ValueError(f"head_dim {d} must be a power of two >= 16")
+    width = (hq + 2 * hkv) * d
+    if qkv.dtype not in (torch.float16, torch.bfloat16, torch.float32) or qkv.numel() != width \
+            or not qkv.is_contiguous():
+        raise ValueError(f"qkv must be one contiguous fp16/bf16/fp32 row of {width} values (q, k, v heads), "
+                         f"got {tuple(qkv.shape)} {qkv.dtype}")
+    if k_cache.dtype != qkv.dtype or v_cache.dtype != qkv.dtype:
+        raise ValueError(f"qkv, k_cache and v_cache must share a dtype, got {qkv.dtype}, {k_cache.dtype}, "
+                         f"{v_cache.dtype}")
+    if k_cache.stride(2) != 1 or v_cache.stride(2) != 1:
+        raise ValueError("k_cache and v_cache need contiguous head_dim rows")
+    for name, table in (("cos", cos), ("sin", sin)):
+        if table.dim() != 2 or table.shape[1] != d or table.dtype != torch.float32 or not table.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous fp32 [max_seq, {d}] table, got {tuple(table.shape)} "
+                             f"{table.dtype}")
+    if cos.shape != sin.shape:
+        raise ValueError("cos and sin tables differ in shape")
+    for name, weight in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if weight is not None and (tuple(weight.shape) != (d,) or not weight.is_contiguous()):
+            raise ValueError(f"{name} must be a contiguous [{d}] tensor, got {tuple(weight.shape)}")
     if length.numel() != 1 or length.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"length must be a one-element int32 tensor on the device, got {tuple(length.shape)} "
                          f"{length.dtype}")
     if cfg.splits < 1 or cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
         raise ValueError(f"bad config {cfg}: splits >= 1, block_n a power of two >= 16")
-    if out is not None and (tuple(out.shape) != (hq, d) or out.dtype != q.dtype or out.stride(1) != 1):
-        raise ValueError(f"out must be [{hq}, {d}] {q.dtype} with contiguous rows")
+    if out is not None and (tuple(out.shape) != (hq, d) or out.dtype != qkv.dtype or out.stride(1) != 1):
+        raise ValueError(f"out must be [{hq}, {d}] {qkv.dtype} with contiguous rows")
     if workspace is not None:
         want = (hq, cfg.splits, d)
         if tuple(workspace.acc.shape) != want or tuple(workspace.max_logit.shape) != want[:2]:
             raise ValueError(f"workspace holds {tuple(workspace.acc.shape)} partials, this call needs {want}")
-    tensors = [t for t in (k_cache, v_cache, length, out) if t is not None]
+    tensors = [t for t in (k_cache, v_cache, length, cos, sin, q_norm, k_norm, out) if t is not None]
     if workspace is not None:
         tensors.append(workspace.acc)
-    if any(t.device != q.device for t in tensors):
+    if any(t.device != qkv.device for t in tensors):
         raise ValueError("all tensors must be on one device")
     return hq, hkv, s, d
 
 
 def decode_attention(
-    q: torch.Tensor,
+    qkv: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     length: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
     *,
+    num_heads: int,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
     sliding_window: int | None = None,
     scale: float | None = None,
     out: torch.Tensor | None = None,
     workspace: DecodeAttentionWorkspace | None = None,
     config: DecodeAttentionConfig | None = None,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v for one token over keys 0..length-1 (length: int32 [1] on the device).
+    """Attention [Hq, D] of the token at position length-1 over keys 0..length-1; its key and value appended.
 
+    ``qkv`` is the token's fused projection (q heads, k heads, v heads); its q and k are
+    normalized (``q_norm``/``k_norm``, Qwen3) and rotated by ``cos``/``sin``
+    (``ffchat.model.rope_tables``), and its k and v written to the caches at length-1, as
+    ``ffchat.kernels.rope_kv`` would, in the same launch. ``length`` (int32 [1] on the
+    device) must be 1..S (a larger value is clamped to S) and below the RoPE table's length.
     With ``workspace`` (and ``out``) nothing is allocated and nothing synchronises: safe to
-    capture in a CUDA graph and replay after changing ``length`` in place. length must be
-    1..S; a larger value is clamped to S.
+    capture in a CUDA graph and replay after changing ``length`` in place.
     """
     cfg = config or (workspace.config if workspace is not None else
-                     pick_config(k_cache.shape[1], k_cache.shape[0]))
-    hq, hkv, s, d = _check(q, k_cache, v_cache, length, out, workspace, cfg)
+                     pick_config(k_cache.shape[1], k_cache.shape[0], k_cache.shape[2]))
+    hq, hkv, s, d = _check(qkv, k_cache, v_cache, length, cos, sin, num_heads, q_norm, k_norm, out, workspace, cfg)
     if workspace is None:
-        workspace = make_workspace(hq, d, s, cfg, device=q.device)
+        workspace = make_workspace(hq, d, s, cfg, device=qkv.device)
     if out is None:
-        out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    group = hq // hkv
+        out = torch.empty((hq, d), dtype=qkv.dtype, device=qkv.device)
     scale = d ** -0.5 if scale is None else scale
     window = sliding_window if sliding_window is not None else 0
     _partial_kernel[(hkv, cfg.splits)](
-        q, k_cache, v_cache, length, workspace.max_logit, workspace.sum_exp, workspace.acc,
-        q.stride(0), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s, window,
-        scale * LOG2E,
-        GROUP=group, GROUP_ROWS=max(MIN_HEAD_ROWS, triton.next_power_of_2(group)), D=d, SPLITS=cfg.splits,
-        BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRETED,
-        DOT_FP32=_INTERPRETED and q.dtype == torch.bfloat16,  # the interpreter's tl.dot misreads bf16
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(q.device),
+        qkv, length, cos, sin, q_norm if q_norm is not None else cos, k_norm if k_norm is not None else cos,
+        k_cache, v_cache, workspace.max_logit, workspace.sum_exp, workspace.acc,
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s, cos.shape[0], window,
+        scale * LOG2E, eps,
+        HQ=hq, HKV=hkv, GROUP_ROWS=max(MIN_HEAD_ROWS, triton.next_power_of_2(hq // hkv)), D=d, SPLITS=cfg.splits,
+        BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None, HAS_Q_NORM=q_norm is not None,
+        HAS_K_NORM=k_norm is not None, DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
+        INTERPRET=_INTERPRETED,
+        DOT_FP32=_INTERPRETED and qkv.dtype == torch.bfloat16,  # the interpreter's tl.dot misreads bf16
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(qkv.device),
     )
     _reduce_kernel[(hq,)](
         workspace.max_logit, workspace.sum_exp, workspace.acc, length, out, out.stride(0), s, window,
         D=d, SPLITS=cfg.splits, BLOCK_N=cfg.block_n, BLOCK_S=min(triton.next_power_of_2(cfg.splits), 32),
-        HAS_WINDOW=sliding_window is not None, num_warps=4, **launch_options(q.device),
+        HAS_WINDOW=sliding_window is not None, num_warps=4, **launch_options(qkv.device),
     )
     return out
 
 
 def decode_attention_reference(
+    qkv: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    length: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    num_heads: int,
+    q_norm: torch.Tensor | None = None,
+    k_norm: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    sliding_window: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain torch: ``rope_kv_append_reference`` at position length-1 (writing the caches), then attention."""
+    hkv, _, d = k_cache.shape
+    start = torch.tensor([length - 1], dtype=torch.int32)
+    q = rope_kv_append_reference(qkv.reshape(1, -1), start, cos, sin, k_cache, v_cache, num_heads=num_heads,
+                                 num_kv_heads=hkv, head_dim=d, q_norm=q_norm, k_norm=k_norm, eps=eps)
+    return cached_attention_reference(q[0], k_cache, v_cache, length, sliding_window=sliding_window, scale=scale)
+
+
+def cached_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -291,4 +382,3 @@ def decode_attention_reference(
         visible = torch.arange(length, device=q.device) > (length - 1) - sliding_window
         scores = scores.masked_fill(~visible, float("-inf"))
     return torch.einsum("hn,hnd->hd", torch.softmax(scores, dim=-1), values).to(q.dtype)
-

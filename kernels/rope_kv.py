@@ -1,4 +1,6 @@
-"""Fused q/k RMSNorm (Qwen3, optional) + RoPE + KV-cache append, for decode (T = 1) and prefill (T tokens).
+"""Fused q/k RMSNorm (Qwen3, optional) + RoPE + KV-cache append for T tokens (the Triton backend's prefill).
+
+At decode the same work happens inside ``ffchat.kernels.decode_attention``'s partial kernel.
 
 Input is the fused QKV projection ``qkv`` [T, (Hq + 2 Hkv) * D] (q heads, then k heads, then
 v heads). One launch rotates q into ``q_out`` [T, Hq, D], rotates k into the cache and copies v
@@ -9,11 +11,11 @@ Why it looks the way it does:
 * CUDA-graph friendly: the position is read from a device tensor inside the kernel, so a
   captured graph replays at whatever position ``start`` holds; no host sync, no allocation
   that depends on data (``q_out`` may be preallocated).
-* "Rotate half" RoPE pairs dim j with j + D/2, so each program loads a head as its two halves
-  [heads, D/2] and never shuffles inside a vector. The RMSNorm statistic is the sum over both
-  halves. Everything is computed in fp32 from the stored values and rounded once at the store
-  (the reference model rounds after the norm and again inside RoPE, so half-precision results
-  differ from it by dtype rounding only).
+* "Rotate half" RoPE pairs dim j with j + D/2, so ``norm_rope_rows`` (shared with decode
+  attention) loads each head twice, as itself and with its halves swapped, and never shuffles
+  inside a vector. Everything is computed in fp32 from the stored values and rounded once at
+  the store (the reference model rounds after the norm and again inside RoPE, so half-precision
+  results differ from it by dtype rounding only).
 * Programs own a block of heads of one kind (q, or k with its v), over (token, head block):
   few programs per token at decode, plenty at prefill, no masks on the kind.
 * Positions outside the cache [0, S) are never written, outside the cos/sin table never read:
@@ -33,15 +35,22 @@ from ffchat.model import apply_rope, rms_norm
 
 
 @triton.jit
-def _norm_rope(x1, x2, w_ptr, c1, s1, c2, s2, eps, half, D: tl.constexpr, HAS_NORM: tl.constexpr):
-    """RMSNorm (if HAS_NORM) then RoPE of heads given as halves [heads, D/2], all in fp32."""
+def norm_rope_rows(rows_ptr, row_ok, w_ptr, cos, sin, eps, D: tl.constexpr, HAS_NORM: tl.constexpr):
+    """Heads [R, D] read from ``rows_ptr`` [R, 1]: RMSNorm (if HAS_NORM) then rotate-half RoPE, all in fp32.
+
+    Each row is read twice, as itself and as its partner dims (d + D/2) mod D, so the rotation
+    needs no shuffle inside a vector; ``cos``/``sin`` are the position's table rows [D].
+    """
+    offs_d = tl.arange(0, D)
+    partner = (offs_d + D // 2) % D
+    x = tl.load(rows_ptr + offs_d[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    xp = tl.load(rows_ptr + partner[None, :], mask=row_ok, other=0.0).to(tl.float32)
     if HAS_NORM:
-        inv = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / D + eps)
-        w1 = tl.load(w_ptr + half).to(tl.float32)
-        w2 = tl.load(w_ptr + D // 2 + half).to(tl.float32)
-        x1 = x1 * inv[:, None] * w1[None, :]
-        x2 = x2 * inv[:, None] * w2[None, :]
-    return x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+        inv = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        x = x * inv[:, None] * tl.load(w_ptr + offs_d).to(tl.float32)[None, :]
+        xp = xp * inv[:, None] * tl.load(w_ptr + partner).to(tl.float32)[None, :]
+    sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+    return x * cos[None, :] + sign[None, :] * xp * sin[None, :]
 
 
 @triton.jit
@@ -51,48 +60,33 @@ def _rope_kv_kernel(
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, Q_BLOCKS: tl.constexpr,
     HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, PDL: tl.constexpr,
 ):
-    HALF: tl.constexpr = D // 2
     ROW: tl.constexpr = (HQ + 2 * HKV) * D  # elements per token in qkv
     t = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     wait_for_inputs(PDL)
     release_dependents(PDL)
     pos = tl.load(start_ptr).to(tl.int64) + t
-    half = tl.arange(0, HALF)
-    full = tl.arange(0, D)
+    offs_d = tl.arange(0, D)
     hh = tl.arange(0, BLOCK_H)
-    in_table = ((half * 0 + pos) < table_len) & (pos >= 0)  # [HALF] mask: the scalar position broadcast
-    c1 = tl.load(cos_ptr + pos * D + half, mask=in_table, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + pos * D + half, mask=in_table, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + pos * D + HALF + half, mask=in_table, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + pos * D + HALF + half, mask=in_table, other=0.0).to(tl.float32)
-    c1, s1, c2, s2 = c1[None, :], s1[None, :], c2[None, :], s2[None, :]
+    in_table = ((offs_d * 0 + pos) < table_len) & (pos >= 0)  # [D] mask: the scalar position broadcast
+    cos = tl.load(cos_ptr + pos * D + offs_d, mask=in_table, other=0.0)
+    sin = tl.load(sin_ptr + pos * D + offs_d, mask=in_table, other=0.0)
     row = qkv_ptr + t * ROW
     if block < Q_BLOCKS:  # q heads: norm, rotate, write q_out
         heads = block * BLOCK_H + hh
-        ok = (heads < HQ)[:, None] & (half < HALF)[None, :]
-        src = row + heads[:, None] * D + half[None, :]
-        x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
-        o1, o2 = _norm_rope(x1, x2, q_norm_ptr, c1, s1, c2, s2, eps, half, D, HAS_Q_NORM)
-        dst = q_out_ptr + t * (HQ * D) + heads[:, None] * D + half[None, :]
-        tl.store(dst, o1.to(q_out_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + HALF, o2.to(q_out_ptr.dtype.element_ty), mask=ok)
+        ok = (heads < HQ)[:, None] & (offs_d < D)[None, :]
+        q = norm_rope_rows(row + heads[:, None] * D, ok, q_norm_ptr, cos, sin, eps, D, HAS_Q_NORM)
+        dst = q_out_ptr + t * (HQ * D) + heads[:, None] * D + offs_d[None, :]
+        tl.store(dst, q.to(q_out_ptr.dtype.element_ty), mask=ok)
     else:  # k heads (norm, rotate) and their v heads (copied), into the cache at pos
         heads = (block - Q_BLOCKS) * BLOCK_H + hh
         head_ok = (heads < HKV) & (pos < cache_len) & (pos >= 0)
-        ok = head_ok[:, None] & (half < HALF)[None, :]
-        src = row + (HQ + heads)[:, None] * D + half[None, :]
-        x1 = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-        x2 = tl.load(src + HALF, mask=ok, other=0.0).to(tl.float32)
-        o1, o2 = _norm_rope(x1, x2, k_norm_ptr, c1, s1, c2, s2, eps, half, D, HAS_K_NORM)
-        cache_offs = heads[:, None].to(tl.int64) * cache_len * D + pos * D
-        dst = k_cache_ptr + cache_offs + half[None, :]
-        tl.store(dst, o1.to(k_cache_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + HALF, o2.to(k_cache_ptr.dtype.element_ty), mask=ok)
-        v_ok = head_ok[:, None] & (full < D)[None, :]
-        v = tl.load(row + (HQ + HKV + heads)[:, None] * D + full[None, :], mask=v_ok)
-        tl.store(v_cache_ptr + cache_offs + full[None, :], v, mask=v_ok)
+        ok = head_ok[:, None] & (offs_d < D)[None, :]
+        k = norm_rope_rows(row + (HQ + heads)[:, None] * D, ok, k_norm_ptr, cos, sin, eps, D, HAS_K_NORM)
+        cache_offs = heads[:, None].to(tl.int64) * cache_len * D + pos * D + offs_d[None, :]
+        tl.store(k_cache_ptr + cache_offs, k.to(k_cache_ptr.dtype.element_ty), mask=ok)
+        v = tl.load(row + (HQ + HKV + heads)[:, None] * D + offs_d[None, :], mask=ok)
+        tl.store(v_cache_ptr + cache_offs, v, mask=ok)
 
 
 def _check_inputs(qkv, start, cos, sin, k_cache, v_cache, num_heads, num_kv_heads, head_dim, q_norm, k_norm, q_out):
