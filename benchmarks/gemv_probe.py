@@ -146,7 +146,8 @@ def bench_shape(n: int, k: int, sweep: tuple[str, ...], l2_bytes: int) -> dict:
         return time_graph(lambda i: run_kernel(variant, x, act, sets[i], cfg, out), copies), err
 
     io_bytes = {"w4a16": int4_bytes + 2 * k + 2 * n, "w4a8": int4_bytes + k + 8 * (k // GROUP) + 2 * n}
-    for variant, table in (("w4a16", gemv.CONFIG_TABLE), ("w4a8", gemv.W4A8_CONFIG_TABLE)):
+    for variant, table in (("w4a16", gemv.config_table("gemv_w4a16", x.device)),
+                           ("w4a8", gemv.config_table("gemv_w4a8", x.device))):
         default = gemv.pick_config(n, k, GROUP, table)
         t, err = measure(variant, default)
         res[variant] = {"config": default.__dict__, "us": t and t * 1e6, "GBps": t and io_bytes[variant] / t / 1e9,
@@ -206,7 +207,8 @@ def main():
           f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
     sweep = {"none": (), "both": ("w4a16", "w4a8")}.get(args.sweep, (args.sweep,))
     if sweep:
-        tables = {v: t for v, t in (("w4a16", gemv.CONFIG_TABLE), ("w4a8", gemv.W4A8_CONFIG_TABLE)) if v in sweep}
+        device = torch.device(DEVICE)
+        tables = {v: gemv.config_table(f"gemv_{v}", device) for v in sweep}
         jobs = []
         for (v, table), (_, n, k) in itertools.product(tables.items(), shapes):
             cfgs = candidates(n, k) + [gemv.pick_config(n, k, GROUP, table)]

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU tier in one call of the device machine (repo root there; ffchat is not
-# installed, so two links stand in for the ffchat.kernels / ffchat.quantize mapping):
+# installed, so three links stand in for the ffchat.kernels / .quantize / .profiles mapping):
 #   1. the Triton backend against the reference engine (correctness first),
 #   2. `ffchat bench` on the three benchmark shapes, triton vs the torch-compile baseline,
 #   3. every other GPU test (kernels vs their references, the baseline's correctness).
@@ -18,6 +18,7 @@ mkdir -p "$out"
 steps=${1:-tests bench kernels}
 ln -sfn ../kernels ffchat/kernels
 ln -sfn ../quantize ffchat/quantize
+ln -sfn ../profiles ffchat/profiles
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 COLUMNS=160
 log="$out/gpu_tier.log"
 

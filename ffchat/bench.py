@@ -34,6 +34,7 @@ from rich.table import Table
 from ffchat import __version__
 from ffchat.backend import Backend
 from ffchat.errors import FfchatError
+from ffchat.profiles import profile_for_device
 from ffchat.shapes import BenchWeights, random_weights, shape_config, stored_weights
 
 DEVICE = "cuda"
@@ -339,6 +340,7 @@ def environment() -> dict:
         **git_state(),
         "device": {"name": props.name, "capability": f"{props.major}.{props.minor}",
                    "sm_count": props.multi_processor_count, "memory_bytes": props.total_memory},
+        "gpu_profile": profile_for_device(torch.device("cuda")).describe(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "triton": triton_version,

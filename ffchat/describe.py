@@ -1,7 +1,8 @@
 """What `ffchat show` and `ffchat list` say about a stored model.
 
 Everything shown is read from the record and the model's own files, so `show`
-works offline and without loading any weights.
+works offline and without loading any weights; the one exception, the GPU
+profile line, describes this machine's GPU (``ffchat.profiles``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import yaml
 
 from ffchat.config import ModelConfig
+from ffchat.profiles import describe_gpu
 from ffchat.store import ModelRecord
 
 
@@ -32,6 +34,7 @@ def describe(record: ModelRecord) -> list[tuple[str, str]]:
         ("quantization", quantization_label(record)),
         ("weights", f"{record.weights_format}, {human_size(record.size)} in all"),
         ("files", "\n".join(f"{f.name}  {human_size(f.size)}" for f in record.files)),
+        ("gpu profile", describe_gpu()),
     ]
 
 

@@ -40,6 +40,8 @@ the memory system busy while spending few instructions per weight):
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -50,6 +52,7 @@ import triton.language as tl
 from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
 from ffchat.model import int8_codes, rms_norm
+from ffchat.profiles import kernel_table
 from ffchat.quantize.layout import check_packed, dequantize
 
 # Passed as run-time arguments, not constants: with one operand in the constant bank,
@@ -79,58 +82,31 @@ class GemvConfig:
     max_registers: int | None = None
 
 
-# Tuning data, keyed by (max N, max K): the first row whose bounds hold is used.
-# Best of a sweep of tiles, prefetch and register caps on the Llama-3.2-1B and 3.1-8B decode
-# shapes on an H200, 2026-12-02 (benchmarks/NOTES.md): the 1B and 8B projections fall in the
-# first five rows, the LM heads in the last (32 rows per program, capped at 128 registers so four
-# programs share an SM). Split-K never won, so no row uses it (it stays available through ``config``).
-CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (2048, 8191, GemvConfig(block_n=8, block_k=2048, num_warps=4)),
-    (2048, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=8, prefetch=True)),
-    (4096, 2048, GemvConfig(block_n=16, block_k=2048, num_warps=4)),
-    (4096, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=4, prefetch=True)),
-    (16384, 1 << 30, GemvConfig(block_n=16, block_k=2048, num_warps=4)),
-    (1 << 40, 1 << 30, GemvConfig(block_n=32, block_k=1024, num_warps=4, max_registers=128)),
-)
+@functools.cache
+def config_table(name: str, device: torch.device) -> tuple[tuple[float, float, GemvConfig], ...]:
+    """Kernel table ``name`` (``ffchat.profiles.KERNEL_TABLES``) of the device's GPU profile, as
+    (max N, max K, config) rows: the first row whose bounds hold is used. The tables and how they
+    were measured are in ``profiles/*.yaml``."""
+    rows = []
+    for row in kernel_table(name, device):
+        params = {key: value for key, value in row.items() if key not in ("max_n", "max_k")}
+        rows.append((row.get("max_n", math.inf), row.get("max_k", math.inf), GemvConfig(**params)))
+    return tuple(rows)
 
 
-# Gated (SwiGLU) launches, keyed by (max outputs I, max K); block_n counts outputs (2 * block_n rows).
-# Same sweep: 16 outputs (32 rows) per program, K block 1024, capped at 128 registers (ptxas
-# otherwise takes 167 and fits three programs per SM instead of four).
-GATED_CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (1 << 40, 1 << 30, GemvConfig(block_n=16, block_k=1024, num_warps=4, max_registers=128)),
-)
-
-
-# The W4A8 kernel spends fewer instructions per weight, so it wants other tiles.
-# Best of a sweep on an H100, 2026-11-22 (benchmarks/NOTES.md): split-K never won.
-W4A8_CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (1024, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=8)),
-    (2048, 4096, GemvConfig(block_n=8, block_k=2048, num_warps=4)),
-    (2048, 1 << 30, GemvConfig(block_n=4, block_k=2048, num_warps=8)),
-    (16384, 1 << 30, GemvConfig(block_n=8, block_k=2048, num_warps=4)),
-    (1 << 40, 1 << 30, GemvConfig(block_n=16, block_k=1024, num_warps=4)),
-)
-
-
-# W4A8 gated (SwiGLU) launches, keyed by (max outputs I, max K) like GATED_CONFIG_TABLE: best of a sweep
-# of the 1B and 8B gate/up shapes on an H200, 2026-12-02 (us: 1B 6.9 vs 8.5 with the ungated rows, 8B 20.1 vs 22.0).
-W4A8_GATED_CONFIG_TABLE: tuple[tuple[int, int, GemvConfig], ...] = (
-    (8192, 1 << 30, GemvConfig(block_n=16, block_k=1024, num_warps=4)),
-    (1 << 40, 1 << 30, GemvConfig(block_n=8, block_k=1024, num_warps=4)),
-)
-
-
-def pick_config(n: int, k: int, group_size: int, table=None, *, gated: bool = False) -> GemvConfig:
+def pick_config(n: int, k: int, group_size: int, table=None, *, gated: bool = False, w4a8: bool = False,
+                device: torch.device | None = None) -> GemvConfig:
     """The table's config for N weight rows x K inputs, shrunk so a block never exceeds the problem.
 
-    ``gated``: N = 2I rows ([gate; up]) give I outputs, looked up by I in ``GATED_CONFIG_TABLE``
-    (block_n counts outputs there). Without ``table``: ``CONFIG_TABLE`` or, gated, ``GATED_CONFIG_TABLE``.
+    ``gated``: N = 2I rows ([gate; up]) give I outputs, looked up by I (block_n counts outputs).
+    Without ``table``: the W4A16 or (``w4a8``) W4A8 table, plain or gated, of ``device``'s GPU
+    profile (the root profile's for the CPU).
     """
     if gated:
         n //= 2
     if table is None:
-        table = GATED_CONFIG_TABLE if gated else CONFIG_TABLE
+        name = f"gemv_{'w4a8' if w4a8 else 'w4a16'}{'_gated' if gated else ''}"
+        table = config_table(name, device if device is not None else torch.device("cpu"))
     cfg = next(c for max_n, max_k, c in table if n <= max_n and k <= max_k)
     block_k = max(group_size, min(cfg.block_k, triton.next_power_of_2(k)))
     block_n = min(cfg.block_n, triton.next_power_of_2(n))
@@ -551,7 +527,7 @@ def int4_gemv(
     """
     n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
                          norm_weight=norm_weight)
-    cfg = config or pick_config(qweight.shape[0], k, group_size, gated=gated)
+    cfg = config or pick_config(qweight.shape[0], k, group_size, gated=gated, device=x.device)
     inputs = tuple(t.contiguous() for t in (x, qweight, scales, zeros))
     if norm_weight is not None:
         norm_block = min(triton.next_power_of_2(k), 4096)  # one pass for K <= 4096: few serial L2 round trips
@@ -672,8 +648,7 @@ def int4_gemv_w4a8(
     n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
                          norm_weight=norm_weight)
     act = act or quantize_activation(x, group_size, norm_weight=norm_weight, norm_eps=norm_eps)
-    table = W4A8_GATED_CONFIG_TABLE if gated else W4A8_CONFIG_TABLE
-    cfg = config or pick_config(qweight.shape[0], k, group_size, table, gated=gated)
+    cfg = config or pick_config(qweight.shape[0], k, group_size, gated=gated, w4a8=True, device=x.device)
     if cfg.prefetch:
         raise ValueError("prefetch is a W4A16 option; the W4A8 kernel has none")
     inputs = (act.codes.view(torch.int32), act.scales, act.sums) + tuple(t.contiguous() for t in (qweight, scales, zeros))

@@ -361,7 +361,8 @@ def test_pick_config_for_gated_counts_outputs():
     """Gated launches are looked up by outputs I = N / 2 in their own table and never exceed I."""
     for rows, k in ((16384, 2048), (28672, 4096)):
         gated = gemv.pick_config(rows, k, 128, gated=True)
-        table = next(c for n, kk, c in gemv.GATED_CONFIG_TABLE if rows // 2 <= n and k <= kk)
+        table = next(c for n, kk, c in gemv.config_table("gemv_w4a16_gated", torch.device("cpu"))
+                     if rows // 2 <= n and k <= kk)
         assert (gated.block_n, gated.num_warps, gated.prefetch) == (table.block_n, table.num_warps, table.prefetch)
     assert gemv.pick_config(10, 64, 32, gated=True).block_n <= 8  # I = 5
     assert gemv.pick_config(2, 64, 32, gated=True).block_n == 1

@@ -14,6 +14,7 @@ from hub_server import FakeHub, copy_model
 from ffchat import __version__
 from ffchat.config import ModelConfig
 from ffchat.describe import human_count, human_size
+from ffchat.profiles import describe_gpu
 from ffchat.pull import pull_model
 from ffchat.store import ModelRecord, Store
 
@@ -79,6 +80,7 @@ def test_show_describes_the_model(imported, folder):
     assert "4 query / 2 key-value, head_dim 16" in rows["heads"]
     assert rows["chat template"].split()[-1] == "yes"
     assert rows["quantization"].split()[-1] == "no"
+    assert describe_gpu() in rows["gpu profile"]  # this machine's, as the subprocess saw it
     for file in imported.files:
         assert file.name in result.stdout
 

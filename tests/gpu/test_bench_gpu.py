@@ -65,6 +65,7 @@ def test_bench_json_has_every_field(tmp_path):
     report = json.loads(path.read_text())
     device = torch.cuda.get_device_name()
     assert device in result.stdout and report["device"]["name"] == device
+    assert "kernel tables" in report["gpu_profile"]
     for key in ("command", "date", "ffchat_version", "commit", "torch", "cuda", "triton", "model", "contexts",
                 "prompt_tokens", "steps", "baseline", "roofline", "backends"):
         assert key in report, key
