@@ -243,6 +243,18 @@ def bench(
     run_bench(options, _stdout(), err)
 
 
+@app.command()
+def tune(
+    model: Optional[str] = typer.Argument(None, help="A stored, quantized model (see `ffchat list`) instead of a --shape."),
+    shape: Optional[str] = typer.Option(None, "--shape", help="A benchmark shape (llama-3.2-1b, llama-3.1-8b, "
+                                        "qwen2.5-0.5b, ...) at INT4 group 128."),
+) -> None:
+    """Time the decode kernels' tiles for a model on this GPU and cache the fastest (needs a GPU)."""
+    from ffchat.tune import run_tune
+
+    run_tune(model, shape, _stdout(), err)
+
+
 def main() -> None:
     """Console entry point: run the app and turn user errors and Ctrl+C into one line."""
     try:

@@ -13,6 +13,7 @@ import yaml
 
 from ffchat.config import ModelConfig
 from ffchat.profiles import describe_gpu
+from ffchat.tuning_cache import tuning_status
 from ffchat.store import ModelRecord
 
 
@@ -35,18 +36,34 @@ def describe(record: ModelRecord) -> list[tuple[str, str]]:
         ("weights", f"{record.weights_format}, {human_size(record.size)} in all"),
         ("files", "\n".join(f"{f.name}  {human_size(f.size)}" for f in record.files)),
         ("gpu profile", describe_gpu()),
+        ("tuning", tuning_status(config, int4_group_size(record))),
     ]
+
+
+def int4_group_size(record: ModelRecord) -> int | None:
+    """The INT4 artifact's group size, or None when the model is not quantized (or the manifest is unreadable)."""
+    data = _manifest(record)
+    return data.get("group_size") if isinstance(data, dict) else None
+
+
+def _manifest(record: ModelRecord):
+    manifest = record.record_dir / "int4" / "manifest.yaml" if record.record_dir else None
+    if manifest is None or not manifest.is_file():
+        return None
+    try:
+        return yaml.safe_load(manifest.read_text())
+    except (OSError, yaml.YAMLError):
+        return "unreadable"
 
 
 def quantization_label(record: ModelRecord) -> str:
     """"no", or the INT4 artifact's method and group size (e.g. "int4 hqq g128")."""
-    manifest = record.record_dir / "int4" / "manifest.yaml" if record.record_dir else None
-    if manifest is None or not manifest.is_file():
+    data = _manifest(record)
+    if data is None:
         return "no"
     try:
-        data = yaml.safe_load(manifest.read_text())
         return f"int4 {data['method']} g{data['group_size']}"
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return "int4 (unreadable manifest)"
 
 

@@ -34,9 +34,10 @@ from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.kernels.decode_attention import decode_attention, make_workspace
 from ffchat.kernels.int4_dequant import dequantize_int4
-from ffchat.kernels.int4_gemv import int4_gemv, int4_gemv_w4a8
+from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_w4a8
 from ffchat.kernels.rope_kv import rope_kv_append
 from ffchat.model import attention_mask, int8_round, rms_norm, rope_tables
+from ffchat.profiles import GpuIdentity
 from ffchat.shapes import EMBED, HEAD, BenchWeights, Int4Linear
 
 # Tokens per prefill pass: bounds the activations and the attention mask of a long prompt.
@@ -128,6 +129,17 @@ class TritonBackend:
         self.scratch = torch.empty(largest, dtype=dtype, device=self.device)  # prefill's dequantized weight
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures = 0
+        # GEMV tiles `ffchat tune` measured for this shape on this GPU, by role; else the GPU profile's tables.
+        self.tuning = self._cached_tuning(weights)
+        self.details = {"tuned": self.tuning is not None}
+
+    def _cached_tuning(self, weights: BenchWeights) -> dict[str, GemvConfig] | None:
+        if self.device.type != "cuda":
+            return None
+        from ffchat.tuning_cache import decode_problems, load_tuning
+
+        tuned = load_tuning(GpuIdentity.of(self.device), decode_problems(self.config, weights.group_size))
+        return None if tuned is None else {role: GemvConfig(**fields) for role, fields in tuned.items()}
 
     def _dense(self, weights: BenchWeights, name: str) -> Tensor:
         return weights.dense[name].to(device=self.device, dtype=self.dtype)
@@ -195,27 +207,31 @@ class TritonBackend:
         length = self.step_ids[1:2]
         x = self.embed.index_select(0, self.step_ids[0:1])[0]
         for index, layer in enumerate(self.layers):
-            qkv = self._gemv(x, layer.qkv, bias=layer.qkv_bias, norm_weight=layer.attn_norm)
+            qkv = self._gemv("qkv", x, layer.qkv, bias=layer.qkv_bias, norm_weight=layer.attn_norm)
             attention = decode_attention(qkv, self.k_cache[index], self.v_cache[index], length, self.rope_cos,
                                          self.rope_sin, num_heads=config.num_heads, q_norm=layer.q_norm,
                                          k_norm=layer.k_norm, eps=eps, sliding_window=config.sliding_window,
                                          workspace=self.attention_workspace)
-            x = self._gemv(attention.view(-1), layer.o, bias=layer.o_bias, residual=x)
-            hidden = self._gemv(x, layer.gate_up, bias=layer.gate_up_bias, norm_weight=layer.mlp_norm, gated=True,
-                                int8=self.int8_activations)
-            x = self._gemv(hidden, layer.down, bias=layer.down_bias, residual=x)
+            x = self._gemv("o", attention.view(-1), layer.o, bias=layer.o_bias, residual=x)
+            hidden = self._gemv("gate_up", x, layer.gate_up, bias=layer.gate_up_bias, norm_weight=layer.mlp_norm,
+                                gated=True, int8=self.int8_activations)
+            x = self._gemv("down", hidden, layer.down, bias=layer.down_bias, residual=x)
         self.logits.copy_(self._head(x))
 
-    def _gemv(self, x: Tensor, linear: Int4Linear, *, int8: bool = False, **epilogue) -> Tensor:
-        """W4A16, or with ``int8`` W4A8 (x rounded to int8 per group, after the norm if one is given)."""
-        gemv = int4_gemv_w4a8 if int8 else int4_gemv
-        return gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size,
-                    norm_eps=self.config.rms_norm_eps, **epilogue)
+    def _gemv(self, role: str, x: Tensor, linear: Int4Linear, *, int8: bool = False, **epilogue) -> Tensor:
+        """W4A16 (with the tuned tile of ``role`` if there is one), or with ``int8`` W4A8 (x rounded to int8
+        per group, after the norm if one is given; its tiles come from the profile)."""
+        if int8:
+            return int4_gemv_w4a8(x, linear.qweight, linear.scales, linear.zeros, linear.group_size,
+                                  norm_eps=self.config.rms_norm_eps, **epilogue)
+        config = self.tuning.get(role) if self.tuning else None
+        return int4_gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size, config=config,
+                         norm_eps=self.config.rms_norm_eps, **epilogue)
 
     def _head(self, x: Tensor) -> Tensor:
         """Final norm and LM head of one hidden vector: logits [vocab] in the activation dtype."""
         if isinstance(self.head, Int4Linear):
-            return self._gemv(x, self.head, norm_weight=self.final_norm, int8=self.int8_activations)
+            return self._gemv("head", x, self.head, norm_weight=self.final_norm, int8=self.int8_activations)
         return F.linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.head)
 
     def _capture(self) -> None:

@@ -36,16 +36,28 @@ class GpuIdentity:
     name: str
     capability: tuple[int, int]
     sm_count: int
-    triton: str
+    driver: str | None
     cuda: str | None
+    triton: str
 
     @classmethod
     def of(cls, device: torch.device) -> GpuIdentity:
         import triton  # only where a GPU is: `ffchat show` and `list` start without it
 
         props = torch.cuda.get_device_properties(device)
-        return cls(props.name, (props.major, props.minor), props.multi_processor_count, triton.__version__,
-                   torch.version.cuda)
+        return cls(props.name, (props.major, props.minor), props.multi_processor_count, driver_version(),
+                   torch.version.cuda, triton.__version__)
+
+
+def driver_version() -> str | None:
+    """The NVIDIA kernel driver's version (Linux: /proc/driver/nvidia/version), or None where it cannot be read."""
+    try:
+        text = Path("/proc/driver/nvidia/version").read_text()
+    except OSError:
+        return None
+    words = text.split()
+    # "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.159.04  ..."
+    return next((w for w in words if w.count(".") >= 1 and w.replace(".", "").isdigit()), None)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ NAMES = {
 
 
 def identity(name: str) -> GpuIdentity:
-    return GpuIdentity(name, (9, 0), 132, "3.6.0", "13.0")
+    return GpuIdentity(name, (9, 0), 132, "580.159.04", "13.0", "3.6.0")
 
 
 def test_every_known_gpu_of_the_brief_ships_a_profile():

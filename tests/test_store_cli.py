@@ -15,6 +15,7 @@ from ffchat import __version__
 from ffchat.config import ModelConfig
 from ffchat.describe import human_count, human_size
 from ffchat.profiles import describe_gpu
+from ffchat.tuning_cache import tuning_status
 from ffchat.pull import pull_model
 from ffchat.store import ModelRecord, Store
 
@@ -81,6 +82,7 @@ def test_show_describes_the_model(imported, folder):
     assert rows["chat template"].split()[-1] == "yes"
     assert rows["quantization"].split()[-1] == "no"
     assert describe_gpu() in rows["gpu profile"]  # this machine's, as the subprocess saw it
+    assert tuning_status(config, None) in rows["tuning"]  # not quantized: nothing to tune
     for file in imported.files:
         assert file.name in result.stdout
 

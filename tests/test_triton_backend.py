@@ -108,3 +108,30 @@ def test_unsupported_models_are_refused_with_a_reason():
     bf16 = random_weights(config, label="bf16", int4=False, device="cpu")
     with pytest.raises(FfchatError, match="INT4"):
         TritonBackend(bf16, CONTEXT)
+
+
+def test_tuned_tiles_reach_the_kernels_and_change_nothing_but_speed(monkeypatch):
+    """Configs from `ffchat tune` go to the GEMV launches of their role; the logits stay the reference's."""
+    from ffchat import triton_backend
+    from ffchat.kernels.int4_gemv import GemvConfig
+
+    reference, triton = backends("llama", seed=4)
+    assert triton.tuning is None and triton.details == {"tuned": False}  # the CPU has no tuning cache
+    tiles = {"o": GemvConfig(block_n=4, block_k=32, num_warps=1), "down": GemvConfig(block_n=2, block_k=64,
+                                                                                      num_warps=1)}
+    triton.tuning = tiles
+    seen = []
+
+    def spy(*args, config=None, **kwargs):
+        seen.append(config)
+        return real(*args, config=config, **kwargs)
+
+    real = triton_backend.int4_gemv
+    monkeypatch.setattr(triton_backend, "int4_gemv", spy)
+    for backend in (reference, triton):
+        backend.prefill([3, 1, 4, 1, 5])
+    seen.clear()  # the prefill's one GEMV, its LM head, is not a decode launch
+    assert_close(triton.decode(9), reference.decode(9))
+    layers = triton.config.num_layers
+    assert seen.count(tiles["o"]) == layers and seen.count(tiles["down"]) == layers
+    assert seen.count(None) == 2 * layers + 1  # q/k/v and gate/up per layer, and the head: the profile's tiles

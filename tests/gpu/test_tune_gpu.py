@@ -1,0 +1,36 @@
+"""`ffchat tune` on a GPU: every winner checked and timed, the cache file found by the Triton backend.
+
+Run on the GPU machine: ``pytest -m gpu tests/gpu/test_tune_gpu.py`` (the tiny shape: seconds).
+"""
+
+from __future__ import annotations
+
+import torch
+from kernel_helpers import GPU_COMPILED, rel_err
+
+from ffchat.model import Transformer
+from ffchat.reference_backend import ReferenceBackend
+from ffchat.shapes import random_weights, shape_config
+from ffchat.triton_backend import TritonBackend
+from ffchat.tune import tune
+from ffchat.tuning_cache import decode_problems
+
+pytestmark = GPU_COMPILED
+
+
+def test_tuned_tiles_are_cached_and_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))  # a fresh tuning dir beside it
+    config = shape_config("tiny")
+    path, results, seconds = tune(config, 128, torch.device("cuda"))
+    assert path.parent == tmp_path / "ffchat-tuning" and path.is_file()
+    assert [r.problem for r in results] == decode_problems(config, 128)
+    assert all(0 < r.us <= r.profile_us for r in results)  # the profile's tile is a candidate
+    weights = random_weights(config, label="tiny", int4=True)
+    triton = TritonBackend(weights, 64)
+    assert triton.details == {"tuned": True} and set(triton.tuning) == {r.problem.role for r in results}
+    model = Transformer(config, 64, dtype=torch.float32, device="cuda")
+    model.load_state_dict(weights.reference_state_dict())
+    reference = ReferenceBackend(model)
+    assert rel_err(triton.prefill(list(range(20))), reference.prefill(list(range(20)))) < 3e-2
+    for token in (5, 7, 11):
+        assert rel_err(triton.decode(token), reference.decode(token)) < 3e-2

@@ -1,0 +1,90 @@
+"""`ffchat tune`'s search space and its cache (the timing itself needs a GPU: tests/gpu/test_tune_gpu.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ffchat import tuning_cache
+from ffchat.kernels.int4_gemv import GemvConfig, pick_config
+from ffchat.profiles import GpuIdentity
+from ffchat.shapes import shape_config
+from ffchat.tune import ProblemResult, candidates
+from ffchat.tuning_cache import GemvProblem, decode_problems, load_tuning, save_tuning, tuning_path
+
+GPU = GpuIdentity("NVIDIA H200", (9, 0), 132, "580.159.04", "13.0", "3.6.0")
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton" / "cache"))
+
+
+def test_tuning_lives_beside_the_triton_cache(tmp_path):
+    assert tuning_cache.tuning_dir() == tmp_path / "triton" / "ffchat-tuning"
+
+
+def test_decode_problems_are_the_launches_of_a_step():
+    problems = {p.role: p for p in decode_problems(shape_config("llama-3.2-1b"), 128)}
+    assert problems["qkv"] == GemvProblem("qkv", 3072, 2048, 128, norm=True)
+    assert problems["o"] == GemvProblem("o", 2048, 2048, 128, residual=True)
+    assert problems["gate_up"] == GemvProblem("gate_up", 16384, 2048, 128, gated=True, norm=True)
+    assert problems["down"] == GemvProblem("down", 2048, 8192, 128, residual=True)
+    assert problems["head"] == GemvProblem("head", 128256, 2048, 128, norm=True)
+    qwen = {p.role: p for p in decode_problems(shape_config("qwen2.5-0.5b"), 128)}
+    assert (qwen["qkv"].n, qwen["qkv"].k, qwen["down"].k) == (1152, 896, 4864)
+    assert [p.group_size for p in decode_problems(shape_config("qwen2.5-0.5b"), 256)][:2] == [128, 128]  # 896 = 7 * 128
+
+
+@pytest.mark.parametrize("role", ["qkv", "gate_up", "down", "head"])
+def test_candidates_start_with_the_profile_and_fit_the_problem(role):
+    problem = {p.role: p for p in decode_problems(shape_config("qwen2.5-0.5b"), 128)}[role]
+    found = candidates(problem, CPU)
+    assert found[0] == pick_config(problem.n, problem.k, problem.group_size, gated=problem.gated, device=CPU)
+    assert len(found) == len(set(found)) >= 4
+    outputs = problem.n // 2 if problem.gated else problem.n
+    for cfg in found:
+        assert cfg.block_n <= outputs and cfg.block_k % problem.group_size == 0 and cfg.split_k == 1
+
+
+def result(problem, block_n):
+    return ProblemResult(problem, GemvConfig(block_n=block_n, block_k=1024, num_warps=4), 2.0, 2.5, 0)
+
+
+def test_a_saved_tuning_is_found_again_and_only_for_its_gpu_and_shape():
+    problems = decode_problems(shape_config("llama-3.2-1b"), 128)
+    path = tuning_path(GPU, problems)
+    save_tuning(path, GPU, [result(p, 8) for p in problems], 12.5)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    loaded = load_tuning(GPU, problems)
+    assert set(loaded) == {p.role for p in problems}
+    assert GemvConfig(**loaded["down"]) == GemvConfig(block_n=8, block_k=1024, num_warps=4)
+    other_driver = GpuIdentity(*{**GPU.__dict__, "driver": "590.1"}.values())
+    assert load_tuning(other_driver, problems) is None
+    assert load_tuning(GPU, decode_problems(shape_config("llama-3.2-1b"), 64)) is None
+    assert load_tuning(GPU, decode_problems(shape_config("qwen2.5-0.5b"), 128)) is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "format"])
+def test_a_damaged_tuning_file_is_ignored(damage):
+    problems = decode_problems(shape_config("llama-3.2-1b"), 128)
+    path = tuning_path(GPU, problems)
+    save_tuning(path, GPU, [result(p, 16) for p in problems], 3.0)
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2] if damage == "truncate" else json.dumps({**json.loads(text), "format": 99}))
+    assert load_tuning(GPU, problems) is None
+
+
+def test_status_without_a_gpu():
+    assert tuning_cache.tuning_status(shape_config("llama-3.2-1b"), 128) == "no CUDA GPU here"
+
+
+def test_tune_without_a_gpu_is_one_clear_error(tmp_path):
+    from cli_helpers import assert_only_error_line, ffchat
+
+    result = ffchat("tune", "--shape", "llama-3.2-1b", FFCHAT_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
+    assert_only_error_line(result, "ffchat tune needs a CUDA GPU")
+    assert not (tmp_path / "triton").exists()
