@@ -25,6 +25,7 @@ import torch
 import triton
 
 from ffchat.kernels import int4_gemv as gemv
+from ffchat.tune import graph_time
 
 GROUP = 128
 SHAPES = [  # (name, N, K)
@@ -99,22 +100,6 @@ def precompile(jobs, workers: int):
     print(f"precompiled {sum(len(j[3]) for j in jobs)} launches in {time.time() - start:.0f}s", flush=True)
 
 
-def time_graph(fn, copies: int) -> float:
-    """Seconds per call: median replay time of a graph holding ``copies`` calls (fn(i) uses buffer i)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(copies):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    ms = triton.testing.do_bench(graph.replay, warmup=5, rep=25, return_mode="median")
-    return ms * 1e-3 / copies
-
-
 def copy_bandwidth() -> float:
     n = 1 << 30
     a = torch.empty(n, dtype=torch.uint8, device=DEVICE)
@@ -143,7 +128,7 @@ def bench_shape(n: int, k: int, sweep: tuple[str, ...], l2_bytes: int) -> dict:
         err = rel_err(y, ref_w4a8 if variant == "w4a8" else ref)
         if not err < 2e-3:
             return None, err
-        return time_graph(lambda i: run_kernel(variant, x, act, sets[i], cfg, out), copies), err
+        return graph_time(lambda i: run_kernel(variant, x, act, sets[i], cfg, out), copies), err
 
     io_bytes = {"w4a16": int4_bytes + 2 * k + 2 * n, "w4a8": int4_bytes + k + 8 * (k // GROUP) + 2 * n}
     for variant, table in (("w4a16", gemv.config_table("gemv_w4a16", x.device)),
@@ -165,7 +150,7 @@ def bench_shape(n: int, k: int, sweep: tuple[str, ...], l2_bytes: int) -> dict:
             res[f"{variant}_best"] = {"config": cfg.__dict__, "us": t * 1e6, "GBps": io_bytes[variant] / t / 1e9,
                                       "top5": [(round(t * 1e6, 2), c.__dict__) for t, c in sorted(timed, key=lambda tc: tc[0])[:5]]}
     res["w4a8_err_vs_fp16x"] = rel_err(run_kernel("w4a8", x, act, sets[0], None, out), ref)
-    res["quantize_x_us"] = time_graph(lambda i: gemv.quantize_activation(x, GROUP), 16) * 1e6
+    res["quantize_x_us"] = graph_time(lambda i: gemv.quantize_activation(x, GROUP), 16) * 1e6
     res["tinygemm"] = bench_tinygemm(n, k, x, copies)
     res["cublas_fp16"] = bench_cublas(n, k, x, l2_bytes)
     return res
@@ -178,7 +163,7 @@ def bench_tinygemm(n: int, k: int, x: torch.Tensor, copies: int) -> dict | None:
             torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device=DEVICE), 8) for _ in range(copies)]
         sz = [torch.rand(k // GROUP, n, 2, device=DEVICE, dtype=torch.bfloat16) for _ in range(copies)]
         xb = x.bfloat16().view(1, k)
-        t = time_graph(lambda i: torch.ops.aten._weight_int4pack_mm(xb, packed[i], GROUP, sz[i]), copies)
+        t = graph_time(lambda i: torch.ops.aten._weight_int4pack_mm(xb, packed[i], GROUP, sz[i]), copies)
     except Exception as exc:  # not every torch build ships it
         print("tinygemm unavailable:", str(exc)[:160], flush=True)
         return None
@@ -189,7 +174,7 @@ def bench_cublas(n: int, k: int, x: torch.Tensor, l2_bytes: int) -> dict:
     copies = max(2, min(128, math.ceil(4 * l2_bytes / (2 * n * k))))
     weights = [torch.randn(n, k, device=DEVICE, dtype=torch.float16) for _ in range(copies)]
     xv = x.view(1, k)
-    t = time_graph(lambda i: torch.nn.functional.linear(xv, weights[i]), copies)
+    t = graph_time(lambda i: torch.nn.functional.linear(xv, weights[i]), copies)
     return {"us": t * 1e6, "GBps": (2 * n * k + 2 * k + 2 * n) / t / 1e9}
 
 

@@ -73,7 +73,7 @@ def _random_problem(problem: GemvProblem, copies: int, device: torch.device, see
     return sets, x, extra
 
 
-def _graph_time(fn: Callable[[int], object], copies: int, repeats: int = 20) -> float:
+def graph_time(fn: Callable[[int], object], copies: int, repeats: int = 20) -> float:
     """Seconds per call: median over ``repeats`` replays of a graph calling fn(0..copies-1)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -122,7 +122,7 @@ def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Calla
             if not error < MAX_REL_ERR:
                 rejected += 1
             else:
-                timed.append((_graph_time(lambda i: int4_gemv(x, *sets[i], problem.group_size, config=cfg, **extra),
+                timed.append((graph_time(lambda i: int4_gemv(x, *sets[i], problem.group_size, config=cfg, **extra),
                                           copies), index, cfg))
         except Exception:  # noqa: BLE001 - a tile this GPU cannot compile (e.g. out of shared memory) is no winner
             rejected += 1
