@@ -171,9 +171,9 @@ def run_tune(model: str | None, shape: str | None, out, err) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    label, config, group_size = shape_to_tune(model, shape)  # a wrong model name first, GPU or not
     if not torch.cuda.is_available():
         raise FfchatError("ffchat tune needs a CUDA GPU and none was found")
-    label, config, group_size = shape_to_tune(model, shape)
     device = torch.device("cuda")
     total = sum(len(candidates(p, device)) for p in decode_problems(config, group_size))
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

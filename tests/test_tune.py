@@ -88,3 +88,13 @@ def test_tune_without_a_gpu_is_one_clear_error(tmp_path):
     result = ffchat("tune", "--shape", "llama-3.2-1b", FFCHAT_HOME=str(tmp_path), CUDA_VISIBLE_DEVICES="")
     assert_only_error_line(result, "ffchat tune needs a CUDA GPU")
     assert not (tmp_path / "triton").exists()
+
+
+def test_tune_names_the_model_problem_before_the_gpu(tmp_path, tiny_model_dir):
+    from cli_helpers import assert_only_error_line, ffchat
+
+    home = {"FFCHAT_HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    assert_only_error_line(ffchat("tune", "nope", **home), "model 'nope' not found")
+    assert ffchat("pull", str(tiny_model_dir("llama")), "--name", "tiny", **home).returncode == 0
+    assert_only_error_line(ffchat("tune", "tiny", **home), "tiny has no INT4 weights", "ffchat quantize tiny")
+    assert_only_error_line(ffchat("tune", "tiny", "--shape", "tiny", **home), "not both")
