@@ -6,7 +6,8 @@ parameters. A profile that names a ``base`` takes every kernel table it does not
 from that profile, so parameters measured on one GPU are written once and other GPUs start
 from them until they are measured (``measured_on`` says where a profile's own tables come
 from). A GPU no profile matches runs on the root profile's parameters, said so by
-``ffchat show``. The whole-model kernel's tuning cache will be keyed on ``GpuIdentity``.
+``ffchat show``. `ffchat tune` measures this GPU's own tiles on top; its cache
+(``ffchat.tuning_cache``) is keyed on ``GpuIdentity``.
 """
 
 from __future__ import annotations
