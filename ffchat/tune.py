@@ -27,7 +27,6 @@ from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_reference, pick_config
 from ffchat.profiles import GpuIdentity
-from ffchat.quantize.layout import pack_int4
 from ffchat.tuning_cache import GemvProblem, decode_problems, save_tuning, tuning_path
 
 MAX_REL_ERR = 1e-3  # a correct candidate measures ~3e-5 against the fp32 reference
@@ -53,21 +52,30 @@ def candidates(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
 
 
 def _random_problem(problem: GemvProblem, copies: int, device: torch.device, seed: int):
-    """``copies`` fresh weight sets of the problem, its input, and the epilogue tensors."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """``copies`` fresh weight sets of the problem, its input, and the epilogue tensors, made on the device.
+
+    Every int32 is a valid word of 8 nibbles, so packed weights are drawn directly (an 8B LM head
+    in codes would take gigabytes of host memory).
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=gen, device=device)
+
+    def normal(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, device=device)
+
     groups = problem.k // problem.group_size
-    sets = []
-    for _ in range(copies):
-        codes = torch.randint(0, 16, (problem.n, problem.k), generator=gen)
-        scales = (torch.rand(problem.n, groups, generator=gen) * 0.02 + 0.002).half()
-        zeros = (torch.rand(problem.n, groups, generator=gen) * 15).half()
-        sets.append(tuple(t.to(device) for t in (pack_int4(codes), scales, zeros)))
-    x = torch.randn(problem.k, generator=gen).to(device, torch.bfloat16)
+    sets = [(torch.randint(-2**31, 2**31, (problem.n, problem.k // 8), generator=gen, device=device,
+                           dtype=torch.int32),
+             (uniform(problem.n, groups) * 0.02 + 0.002).half(), (uniform(problem.n, groups) * 15).half())
+            for _ in range(copies)]
+    x = normal(problem.k).bfloat16()
     extra = {}
     if problem.norm:
-        extra["norm_weight"] = (1 + torch.randn(problem.k, generator=gen) * 0.1).to(device, torch.bfloat16)
+        extra["norm_weight"] = (1 + normal(problem.k) * 0.1).bfloat16()
     if problem.residual:
-        extra["residual"] = torch.randn(problem.n, generator=gen).to(device, torch.bfloat16)
+        extra["residual"] = normal(problem.n).bfloat16()
     if problem.gated:
         extra["gated"] = True
     return sets, x, extra
