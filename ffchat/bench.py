@@ -78,8 +78,9 @@ BACKENDS: dict[str, BackendEntry] = {
     "torch-compile": BackendEntry(_torch_compile, "gpt-fast recipe: static KV cache, torch.compile reduce-overhead "
                                                   "(CUDA graphs), bf16 activations, tinygemm INT4"),
     "triton": BackendEntry(_triton, "ffchat's fused Triton INT4 kernels, one CUDA graph per decode step"),
-    "triton-w4a8": BackendEntry(functools.partial(_triton, int8_activations=True), "the triton backend with int8 activations (dp4a) for gate/up and "
-                                              "the LM head: opt-in, lossy"),
+    "triton-w4a8": BackendEntry(functools.partial(_triton, int8_activations=True),
+                                "the triton backend with int8 activations (dp4a) for gate/up and the LM head: "
+                                "opt-in, lossy"),
 }
 BASELINE = "torch-compile"
 DEFAULT_BACKENDS = ("triton", BASELINE, "reference")

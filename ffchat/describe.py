@@ -43,17 +43,19 @@ def describe(record: ModelRecord) -> list[tuple[str, str]]:
 def int4_group_size(record: ModelRecord) -> int | None:
     """The INT4 artifact's group size, or None when the model is not quantized (or the manifest is unreadable)."""
     data = _manifest(record)
-    return data.get("group_size") if isinstance(data, dict) else None
+    return data.get("group_size") if data else None
 
 
-def _manifest(record: ModelRecord):
+def _manifest(record: ModelRecord) -> dict | None:
+    """The INT4 manifest's fields: None without an artifact, empty when the manifest cannot be read."""
     manifest = record.record_dir / "int4" / "manifest.yaml" if record.record_dir else None
     if manifest is None or not manifest.is_file():
         return None
     try:
-        return yaml.safe_load(manifest.read_text())
+        data = yaml.safe_load(manifest.read_text())
     except (OSError, yaml.YAMLError):
-        return "unreadable"
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def quantization_label(record: ModelRecord) -> str:
@@ -63,7 +65,7 @@ def quantization_label(record: ModelRecord) -> str:
         return "no"
     try:
         return f"int4 {data['method']} g{data['group_size']}"
-    except (KeyError, TypeError):
+    except KeyError:
         return "int4 (unreadable manifest)"
 
 

@@ -39,6 +39,7 @@ from ffchat.kernels.rope_kv import rope_kv_append
 from ffchat.model import attention_mask, int8_round, rms_norm, rope_tables
 from ffchat.profiles import GpuIdentity
 from ffchat.shapes import EMBED, HEAD, BenchWeights, Int4Linear
+from ffchat.tuning_cache import decode_problems, load_tuning
 
 # Tokens per prefill pass: bounds the activations and the attention mask of a long prompt.
 PREFILL_CHUNK = 1024
@@ -136,8 +137,6 @@ class TritonBackend:
     def _cached_tuning(self, weights: BenchWeights) -> dict[str, GemvConfig] | None:
         if self.device.type != "cuda":
             return None
-        from ffchat.tuning_cache import decode_problems, load_tuning
-
         tuned = load_tuning(GpuIdentity.of(self.device), decode_problems(self.config, weights.group_size))
         return None if tuned is None else {role: GemvConfig(**fields) for role, fields in tuned.items()}
 
