@@ -14,6 +14,13 @@ the fused QKV projection row. Two launches (flash-decoding):
   unnormalised output to the workspace.
 * ``_reduce_kernel``, grid (Hq,): combines the shares with the log-sum-exp rule.
 
+The whole-model kernel calls the partial's two halves (``attention_prefetch``,
+``attention_share``) with COMBINE: there the last share of a KV head to finish (an atomic
+arrival counter) combines the group's shares itself, as a reduce op would cost a wait of
+every program. Standalone, the same in-launch combine measured slower than the reduce launch
+on an H200 (8B step 2025 vs 1961 us at context 512; BENCHMARKS.md, 2026-12-02): the reduce
+runs Hq programs in parallel and overlaps the next launch under PDL.
+
 Why the split is dynamic: ``length`` is a device tensor (so one captured CUDA graph serves
 every position), the grid is fixed by the cache capacity, and the kernel divides the keys
 actually attended into ``splits`` equal BLOCK_N-rounded shares. Short contexts still spread
@@ -79,6 +86,7 @@ class DecodeAttentionWorkspace:
     max_logit: torch.Tensor  # [Hq, splits]
     sum_exp: torch.Tensor  # [Hq, splits]
     acc: torch.Tensor  # [Hq, splits, D]
+    arrivals: torch.Tensor  # int32 [Hkv or more]: shares finished per KV head; each launch leaves them zero
 
 
 def make_workspace(num_heads: int, head_dim: int, max_seq_len: int, config: DecodeAttentionConfig | None = None,
@@ -92,6 +100,7 @@ def make_workspace(num_heads: int, head_dim: int, max_seq_len: int, config: Deco
         torch.empty(num_heads, cfg.splits, dtype=torch.float32, device=device),
         torch.empty(num_heads, cfg.splits, dtype=torch.float32, device=device),
         torch.empty(num_heads, cfg.splits, head_dim, dtype=torch.float32, device=device),
+        torch.zeros(num_kv_heads or num_heads, dtype=torch.int32, device=device),
     )
 
 
@@ -130,32 +139,48 @@ def _attend_block(q, k, v, key_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.co
 
 
 @triton.jit
-def _partial_kernel(
-    qkv_ptr, len_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr,
-    stride_kh, stride_kn, stride_vh, stride_vn, S, table_len, window, qk_scale, eps,
-    HQ: tl.constexpr, HKV: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
-):
-    GROUP: tl.constexpr = HQ // HKV
-    kv = tl.program_id(0)
-    split = tl.program_id(1)
+def attention_prefetch(kv, split, len_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, stride_kh, stride_kn, stride_vh, stride_vn,
+                       S, table_len, window, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                       HAS_WINDOW: tl.constexpr):
+    """What share ``split`` of KV head ``kv`` can load before the QKV projection exists.
+
+    Only what no op of this step writes: the first block of earlier tokens' keys and values,
+    and the RoPE row of the new position. Returns them with the attended range (lo, length, share).
+    """
     lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
     pos = length - 1  # the token being decoded: its key and value are in qkv, not yet in the cache
     start = lo + split * share
-    stop = tl.minimum(start + share, length)
-    cached = tl.minimum(stop, pos)  # keys start..cached-1 come from the cache
+    cached = tl.minimum(tl.minimum(start + share, length), pos)  # keys start..cached-1 come from the cache
     offs_d = tl.arange(0, D)
-    k_head = k_ptr + kv.to(tl.int64) * stride_kh
-    v_head = v_ptr + kv.to(tl.int64) * stride_vh
-    # Before the wait only what no kernel of this step writes: earlier tokens' keys and the RoPE row.
-    k0, v0, ok0 = _load_keys(k_head, v_head, start, cached, stride_kn, stride_vn, BLOCK_N, D)
+    k0, v0, ok0 = _load_keys(k_ptr + kv.to(tl.int64) * stride_kh, v_ptr + kv.to(tl.int64) * stride_vh, start, cached,
+                             stride_kn, stride_vn, BLOCK_N, D)
     in_table = (offs_d * 0 + pos < table_len) & (pos >= 0)
     cos = tl.load(cos_ptr + pos * D + offs_d, mask=in_table, other=0.0)
     sin = tl.load(sin_ptr + pos * D + offs_d, mask=in_table, other=0.0)
-    wait_for_inputs(PDL)
-    release_dependents(PDL)
-    if start < stop:  # shares past the end write nothing: the reduce never reads them
+    return k0, v0, ok0, cos, sin, lo, length, share
+
+
+@triton.jit
+def attention_share(
+    kv, split, k0, v0, ok0, cos, sin, lo, length, share,
+    qkv_ptr, q_norm_ptr, k_norm_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, arrivals_ptr, out_ptr, stride_oh,
+    stride_kh, stride_kn, stride_vh, stride_vn, qk_scale, eps,
+    HQ: tl.constexpr, HKV: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_Q_NORM: tl.constexpr,
+    HAS_K_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
+    COMBINE: tl.constexpr,
+):
+    """Share ``split`` of KV head ``kv`` once qkv is written: its partial; with COMBINE, if it is the head's last
+    share to finish, also the group's output (the whole-model kernel; standalone, ``_reduce_kernel`` does that)."""
+    GROUP: tl.constexpr = HQ // HKV
+    pos = length - 1
+    start = lo + split * share
+    stop = tl.minimum(start + share, length)
+    cached = tl.minimum(stop, pos)
+    offs_d = tl.arange(0, D)
+    k_head = k_ptr + kv.to(tl.int64) * stride_kh
+    v_head = v_ptr + kv.to(tl.int64) * stride_vh
+    if start < stop:  # shares past the end write nothing: the combine never reads them
         rows = tl.arange(0, GROUP_ROWS)
         row_ok = rows < GROUP
         heads = kv * GROUP + rows
@@ -196,26 +221,32 @@ def _partial_kernel(
         tl.store(m_ptr + slot, m_i, mask=row_ok)
         tl.store(l_ptr + slot, l_i, mask=row_ok)
         tl.store(acc_ptr + slot[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+        if COMBINE:
+            tl.debug_barrier()  # every thread's partial is written before the release below
+            arrived = tl.atomic_add(arrivals_ptr + kv, 1, sem="acq_rel")
+            active = tl.cdiv(length - lo, share)  # shares that attend keys: all of them arrive here
+            if arrived == active - 1:  # the last share of this KV head: combine the group's shares
+                for r in tl.static_range(GROUP):
+                    _combine_head(m_ptr, l_ptr, acc_ptr, kv * GROUP + r, active, out_ptr, stride_oh, D, SPLITS,
+                                  BLOCK_S)
+                tl.atomic_xchg(arrivals_ptr + kv, 0)  # ready for the next step
+
+
+def combine_block(splits: int) -> int:
+    """Shares the combine reads per step (at most 32, as measured for the reduce launch)."""
+    return min(triton.next_power_of_2(splits), 32)
 
 
 @triton.jit
-def _reduce_kernel(
-    m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, stride_oh, S, window,
-    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
-):
-    """out[h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the splits that attended keys."""
-    head = tl.program_id(0)
-    wait_for_inputs(PDL)
-    release_dependents(PDL)
-    lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
-    active = tl.cdiv(length - lo, tl.maximum(share, 1))
+def _combine_head(m_ptr, l_ptr, acc_ptr, head, active, out_ptr, stride_oh,
+                  D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out[head] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the ``active`` shares, BLOCK_S at a time."""
     offs_d = tl.arange(0, D)
     SPLIT_BLOCKS: tl.constexpr = (SPLITS + BLOCK_S - 1) // BLOCK_S
     big_m = tl.max(tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32), axis=0)
     total = tl.sum(tl.zeros((BLOCK_S,), dtype=tl.float32), axis=0)
     acc = tl.zeros((D,), dtype=tl.float32)
-    for b in range(SPLIT_BLOCKS):  # constexpr trip count; splits >= active are masked
+    for b in range(SPLIT_BLOCKS):  # constexpr trip count; shares >= active are masked
         s = b * BLOCK_S + tl.arange(0, BLOCK_S)
         ok = s < active
         slot = head * SPLITS + s
@@ -230,6 +261,43 @@ def _reduce_kernel(
         big_m = new_m
     out = acc / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+
+
+@triton.jit
+def _partial_kernel(
+    qkv_ptr, len_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr,
+    stride_kh, stride_kn, stride_vh, stride_vn, S, table_len, window, qk_scale, eps,
+    HQ: tl.constexpr, HKV: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
+):
+    kv, split = tl.program_id(0), tl.program_id(1)
+    k0, v0, ok0, cos, sin, lo, length, share = attention_prefetch(
+        kv, split, len_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, stride_kh, stride_kn, stride_vh, stride_vn, S, table_len,
+        window, D, SPLITS, BLOCK_N, HAS_WINDOW)
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
+    # Without COMBINE the arrival counters, output and its stride are never touched: placeholders.
+    attention_share(kv, split, k0, v0, ok0, cos, sin, lo, length, share, qkv_ptr, q_norm_ptr, k_norm_ptr, k_ptr, v_ptr,
+                    m_ptr, l_ptr, acc_ptr, len_ptr, acc_ptr, D, stride_kh, stride_kn, stride_vh, stride_vn,
+                    qk_scale, eps, HQ, HKV, GROUP_ROWS, D, SPLITS, BLOCK_N, 1, HAS_Q_NORM,
+                    HAS_K_NORM, DOT_PRECISION, INTERPRET, DOT_FP32, False)
+
+
+@triton.jit
+def _reduce_kernel(
+    m_ptr, l_ptr, acc_ptr, len_ptr, out_ptr, stride_oh, S, window,
+    D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
+):
+    """Query head program_id(0)'s output from the shares that attended keys."""
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
+    lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
+    active = tl.cdiv(length - lo, tl.maximum(share, 1))
+    _combine_head(m_ptr, l_ptr, acc_ptr, tl.program_id(0), active, out_ptr, stride_oh, D, SPLITS, BLOCK_S)
 
 
 _INTERPRETED = interpreted(_partial_kernel)
@@ -275,6 +343,8 @@ def _check(qkv, k_cache, v_cache, length, cos, sin, num_heads, q_norm, k_norm, o
         want = (hq, cfg.splits, d)
         if tuple(workspace.acc.shape) != want or tuple(workspace.max_logit.shape) != want[:2]:
             raise ValueError(f"workspace holds {tuple(workspace.acc.shape)} partials, this call needs {want}")
+        if workspace.arrivals.numel() < hkv:
+            raise ValueError(f"workspace counts arrivals for {workspace.arrivals.numel()} KV heads, this call has {hkv}")
     tensors = [t for t in (k_cache, v_cache, length, cos, sin, q_norm, k_norm, out) if t is not None]
     if workspace is not None:
         tensors.append(workspace.acc)
@@ -334,7 +404,7 @@ def decode_attention(
     )
     _reduce_kernel[(hq,)](
         workspace.max_logit, workspace.sum_exp, workspace.acc, length, out, out.stride(0), s, window,
-        D=d, SPLITS=cfg.splits, BLOCK_N=cfg.block_n, BLOCK_S=min(triton.next_power_of_2(cfg.splits), 32),
+        D=d, SPLITS=cfg.splits, BLOCK_N=cfg.block_n, BLOCK_S=combine_block(cfg.splits),
         HAS_WINDOW=sliding_window is not None, num_warps=4, **launch_options(qkv.device),
     )
     return out

@@ -143,15 +143,15 @@ def _x_planes(x8, COLS: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(y, rows, row_ok, N, bias_ptr, res_ptr, out_ptr,
-              HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Add bias and residual in fp32, cast to the output dtype, store.
+def gemv_epilogue(y, block, rows, row_ok, N, bias_ptr, res_ptr, out_ptr,
+                  HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Add bias and residual in fp32, cast to the output dtype, store (row block ``block``).
 
     GATED: y holds BLOCK_N (gate, up) pairs; output silu(gate + b[n]) * (up + b[n + N]) in fp32.
     """
     if GATED:
         gate, up = tl.split(tl.reshape(y, (BLOCK_N, 2)))
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         if HAS_BIAS:
             gate += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -166,7 +166,7 @@ def _epilogue(y, rows, row_ok, N, bias_ptr, res_ptr, out_ptr,
 
 
 @triton.jit
-def _finish(y, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+def _finish(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
             SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
             GATED: tl.constexpr = False, BLOCK_N: tl.constexpr = 1):
     """Epilogue directly, or (split-K) publish this slice's partial and let the last slice to arrive sum them.
@@ -175,24 +175,24 @@ def _finish(y, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
     block b sit at [2 * BLOCK_N * b, 2 * BLOCK_N * (b + 1)) of a 2N-wide slice.
     """
     if GATED:
-        part_rows = tl.program_id(0) * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
+        part_rows = block * (2 * BLOCK_N) + tl.arange(0, 2 * BLOCK_N)
         part_width = 2 * N
     else:
         part_rows = rows
         part_width = N
     if SPLITS > 1:
-        tl.store(part_ptr + tl.program_id(1) * part_width + part_rows, y, mask=row_ok)
+        tl.store(part_ptr + split * part_width + part_rows, y, mask=row_ok)
         tl.debug_barrier()  # every thread's partial is written before the release below
-        arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+        arrived = tl.atomic_add(count_ptr + block, 1, sem="acq_rel")
         if arrived == SPLITS - 1:
             total = tl.zeros_like(y)
             for k_slice in tl.static_range(SPLITS):  # fixed order: deterministic sums
                 total += tl.load(part_ptr + k_slice * part_width + part_rows, mask=row_ok, other=0.0,
                                  cache_modifier=".cg")
-            _epilogue(total, rows, row_ok, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
-            tl.atomic_xchg(count_ptr + tl.program_id(0), 0)  # ready for the next launch (and graph replay)
+            gemv_epilogue(total, block, rows, row_ok, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
+            tl.atomic_xchg(count_ptr + block, 0)  # ready for the next launch (and graph replay)
     else:
-        _epilogue(y, rows, row_ok, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
+        gemv_epilogue(y, block, rows, row_ok, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
 @triton.jit
@@ -246,58 +246,80 @@ def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, wo
 
 
 @triton.jit
-def _tile_rows(N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-    """This program's weight rows and which of them exist (masks for N % BLOCK_N).
+def tile_rows(block, N, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
+    """Row block ``block``'s weight rows and which of them exist (masks for N % BLOCK_N).
 
     GATED: N = I outputs from [gate; up] rows; tile row 2i is gate row n = first + i, tile row
     2i + 1 is up row n + N, so one x tile feeds both and the epilogue pairs them.
     """
     if GATED:
         r = tl.arange(0, 2 * BLOCK_N)
-        out_rows = tl.program_id(0) * BLOCK_N + r // 2
+        out_rows = block * BLOCK_N + r // 2
         rows = out_rows + (r % 2) * N
         row_ok = out_rows < N
     else:
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
     return rows, row_ok
 
 
 @triton.jit
-def _int4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
-    N, K, high_mask, low_mask, one, nw_ptr, eps,
-    CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr, GATED: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+def _tile_offsets(block, N, K, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_ALIGN: tl.constexpr,
+                  GATED: tl.constexpr):
+    """Row block ``block``'s rows, their mask, and the offsets of its first [rows, words] tile in W, x and scales.
+
+    A 2-D [rows, words] tile keeps each thread's 4 words contiguous (16-byte loads) and rows in
+    registers; x arrives as one 16-byte load per word and is split into planes in registers.
+    """
+    GROUPS: tl.constexpr = BLOCK_K // G
+    COLS: tl.constexpr = BLOCK_K // 8
+    rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
+    col = tl.arange(0, COLS)
+    w_offs = rows[:, None] * tl.multiple_of(K // 8, W_ALIGN) + col[None, :]
+    x_offs = col[:, None] * 8 + tl.arange(0, 8)[None, :]
+    sz_offs = rows[:, None] * (K // G) + tl.arange(0, GROUPS)[None, :]
+    return rows, row_ok, w_offs, x_offs, sz_offs
+
+
+@triton.jit
+def gemv_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS: tl.constexpr, G: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_ALIGN: tl.constexpr, EVEN: tl.constexpr,
+                    GATED: tl.constexpr):
+    """The weights, scales and zeros of (row block, K slice)'s first tile: loadable before x exists.
+
+    Under PDL that load overlaps the previous kernel's tail; in the whole-model kernel, the
+    wait for the op before.
+    """
+    GROUPS: tl.constexpr = BLOCK_K // G
+    rows, row_ok, w_offs, x_offs, sz_offs = _tile_offsets(block, N, K, G, BLOCK_N, BLOCK_K, W_ALIGN, GATED)
+    return _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, split * CHUNKS * GROUPS, row_ok,
+                         tl.arange(0, BLOCK_K // 8), tl.arange(0, GROUPS), K // 8, K // G, G // 8, EVEN)
+
+
+@triton.jit
+def gemv_accumulate(
+    block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, high_mask, low_mask, one, nw_ptr, eps,
+    CHUNKS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_ALIGN: tl.constexpr,
+    EVEN: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr,
+    GATED: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """N outputs (GATED: N = I, weight rows [gate; up] = 2N); nw_ptr/eps are read only with NORM."""
+    """fp32 row sums [TILE_N] of (row block, K slice) over its CHUNKS tiles, the first (w, s, z) already loaded.
+
+    Each iteration requests the next tile before or after computing its own (``PREFETCH``).
+    With NORM x is rms_norm(x) * nw, the statistic taken over all of K first.
+    """
     GROUPS: tl.constexpr = BLOCK_K // G  # groups per tile
     WORDS: tl.constexpr = G // 8  # int32 words per group
     COLS: tl.constexpr = BLOCK_K // 8  # words per tile row
     TILE_N: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
-    rows, row_ok = _tile_rows(N, BLOCK_N, GATED)
+    rows, row_ok, w_offs, x_offs, sz_offs = _tile_offsets(block, N, K, G, BLOCK_N, BLOCK_K, W_ALIGN, GATED)
     col = tl.arange(0, COLS)
     grp = tl.arange(0, GROUPS)
     words_per_row = K // 8
     groups_per_row = K // G
-    # A 2-D [rows, words] tile keeps each thread's 4 words contiguous (16-byte loads) and rows in
-    # registers; x arrives as one 16-byte load per word and is split into planes in registers.
-    w_offs = rows[:, None] * tl.multiple_of(words_per_row, W_ALIGN) + col[None, :]
-    x_offs = col[:, None] * 8 + tl.arange(0, 8)[None, :]
-    sz_offs = rows[:, None] * groups_per_row + grp[None, :]
-    # The first tile's weights are requested before waiting for x: under PDL that load overlaps
-    # the previous kernel's tail. Each iteration requests the next tile before or after computing its
-    # own (``prefetch``).
-    first = tl.program_id(1) * CHUNKS * GROUPS
-    w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, first, row_ok, col, grp, words_per_row,
-                            groups_per_row, WORDS, EVEN)
-    wait_for_inputs(PDL)
-    release_dependents(PDL)
+    first = split * CHUNKS * GROUPS
     if NORM:  # the whole vector's statistic first: every program needs it for its first tile
         rstd = _rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS)
-
     acc = tl.zeros((TILE_N, GROUPS), dtype=tl.float32)
     for c in range(CHUNKS):  # a constexpr trip count: the interpreter cannot loop to a runtime scalar
         g0 = first + c * GROUPS
@@ -347,7 +369,28 @@ def _int4_gemv_kernel(
             if c + 1 < CHUNKS:
                 w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
                                         words_per_row, groups_per_row, WORDS, EVEN)
-    _finish(tl.sum(acc, axis=1), rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+    return tl.sum(acc, axis=1)
+
+
+@triton.jit
+def _int4_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr,
+    N, K, high_mask, low_mask, one, nw_ptr, eps,
+    CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr, GATED: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+):
+    """N outputs (GATED: N = I, weight rows [gate; up] = 2N); nw_ptr/eps are read only with NORM."""
+    block, split = tl.program_id(0), tl.program_id(1)
+    w, s, z = gemv_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN,
+                              GATED)
+    wait_for_inputs(PDL)
+    release_dependents(PDL)
+    y = gemv_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, high_mask, low_mask, one, nw_ptr,
+                        eps, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, NORM, NORM_BLOCK, NORM_CHUNKS, GATED, PREFETCH)
+    rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
+    _finish(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
             SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
@@ -378,7 +421,8 @@ def _int4_gemv_w4a8_kernel(
     GROUPS: tl.constexpr = BLOCK_K // G
     WORDS: tl.constexpr = G // 8
     TILE_N: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
-    rows, row_ok = _tile_rows(N, BLOCK_N, GATED)
+    block, split = tl.program_id(0), tl.program_id(1)
+    rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
     grp = tl.arange(0, GROUPS)
     word = tl.arange(0, WORDS)
     groups_per_row = K // G
@@ -390,7 +434,7 @@ def _int4_gemv_w4a8_kernel(
 
     acc = tl.zeros((TILE_N, GROUPS), dtype=tl.float32)
     for c in range(CHUNKS):
-        g0 = (tl.program_id(1) * CHUNKS + c) * GROUPS
+        g0 = (split * CHUNKS + c) * GROUPS
         g_ok = (g0 + grp) < groups_per_row
         w, s, z = _load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok[:, None] & g_ok[None, :], WORDS, EVEN)
         xlo = tl.load(xq_ptr + xw_offs + 2 * g0 * WORDS, mask=g_ok[:, None], other=0)
@@ -400,7 +444,7 @@ def _int4_gemv_w4a8_kernel(
         xs = tl.load(xs_ptr + g0 + grp, mask=g_ok, other=0.0)
         xq_sum = tl.load(xsum_ptr + g0 + grp, mask=g_ok, other=0.0)
         acc += s * xs[None, :] * (tl.sum(d, axis=2).to(tl.float32) - z * xq_sum[None, :])
-    _finish(tl.sum(acc, axis=1), rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+    _finish(tl.sum(acc, axis=1), block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
             SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 

@@ -111,6 +111,16 @@ def test_matches_reference(hq, hkv, d, norm, dtype):
         assert torch.equal(k[:, others], case.k[:, others]), length
 
 
+def test_combine_in_several_steps():
+    """Sixty-four shares of 128-dim heads combine in two steps of 32: the running log-sum-exp carries across."""
+    cfg = da.DecodeAttentionConfig(splits=64, block_n=16)
+    assert da.combine_block(cfg.splits) == 32
+    case = Case(2, 1, 128, torch.float32, seed=12, s=1024)
+    for length in (600, 1024):  # 38 and 64 shares attend keys
+        y, _, _ = case.run(length, config=cfg)
+        assert rel_err(y, case.reference(length)[0]) < TOL[torch.float32], length
+
+
 def test_bf16_and_default_config():
     case = Case(4, 2, 16, torch.bfloat16, seed=5)
     assert da.pick_config(S, 2).splits == 1  # a short cache: one share per KV head
