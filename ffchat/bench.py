@@ -73,6 +73,12 @@ def _triton(weights: BenchWeights, context_length: int, *, int8_activations: boo
     return TritonBackend(weights, context_length, int8_activations=int8_activations)
 
 
+def _megakernel(weights: BenchWeights, context_length: int) -> Backend:
+    from ffchat.megakernel_backend import MegakernelBackend
+
+    return MegakernelBackend(weights, context_length)
+
+
 BACKENDS: dict[str, BackendEntry] = {
     "reference": BackendEntry(_reference, "ffchat.model.Transformer, eager PyTorch, INT4 weights dequantized to bf16"),
     "torch-compile": BackendEntry(_torch_compile, "gpt-fast recipe: static KV cache, torch.compile reduce-overhead "
@@ -81,6 +87,8 @@ BACKENDS: dict[str, BackendEntry] = {
     "triton-w4a8": BackendEntry(functools.partial(_triton, int8_activations=True),
                                 "the triton backend with int8 activations (dp4a) for gate/up and the LM head: "
                                 "opt-in, lossy"),
+    "megakernel": BackendEntry(_megakernel, "ffchat's whole-model kernel: the decode step in one persistent "
+                                            "Triton launch, in a CUDA graph"),
 }
 BASELINE = "torch-compile"
 DEFAULT_BACKENDS = ("triton", BASELINE, "reference")

@@ -195,7 +195,7 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Piped: one JSON object per answer (text, token counts, timing)."),
     raw: bool = typer.Option(False, "--raw", help="No chat template: plain text completion."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing after each answer (stderr)."),
-    backend: str = typer.Option("auto", "--backend", help="auto (triton on a GPU with INT4 weights, else reference), reference, triton, or triton-w4a8 (int8 activations for gate/up and the LM head: faster, lossy; see `ffchat ppl --int8-activations`)."),
+    backend: str = typer.Option("auto", "--backend", help="auto (triton on a GPU with INT4 weights, else reference), reference, triton, triton-w4a8 (int8 activations for gate/up and the LM head: faster, lossy; see `ffchat ppl --int8-activations`), or megakernel (the whole decode step in one persistent launch)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is a GPU)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
     fp16: bool = typer.Option(False, "--fp16", help="Use the original weights even when INT4 weights exist."),
@@ -226,7 +226,7 @@ def bench(
     model: Optional[str] = typer.Argument(None, help="A stored model (see `ffchat list`) instead of a --shape."),
     shape: Optional[str] = typer.Option(None, "--shape", help="A real model shape with seeded random weights: "
                                         "llama-3.2-1b (default), llama-3.1-8b, qwen2.5-0.5b; tiny, tiny-qwen for a smoke test."),
-    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure: triton, triton-w4a8, torch-compile (the baseline), reference (default: triton, torch-compile, reference)."),
+    backends: Optional[str] = typer.Option(None, "--backends", help="Comma-separated backends to measure: triton, triton-w4a8, megakernel, torch-compile (the baseline), reference (default: triton, torch-compile, reference)."),
     contexts: str = typer.Option("128,512,2048", "--contexts", help="Tokens in the KV cache for the decode timings."),
     prompt: int = typer.Option(512, "--prompt", help="Prompt tokens for prefill speed and time to first token."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write every figure to this JSON file."),

@@ -16,8 +16,9 @@ from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.store import ModelRecord, Store
 
-BACKENDS = ("auto", "reference", "triton", "triton-w4a8")
-TRITON_BACKENDS = ("triton", "triton-w4a8")  # the second: int8 activations for gate/up and the LM head
+BACKENDS = ("auto", "reference", "triton", "triton-w4a8", "megakernel")
+# triton-w4a8: int8 activations for gate/up and the LM head; megakernel: the decode step in one launch
+TRITON_BACKENDS = ("triton", "triton-w4a8", "megakernel")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Share of free memory (after the weights) the KV cache may take by default.
 KV_CACHE_MEMORY_SHARE = 0.5
@@ -147,8 +148,13 @@ def load_backend(record: ModelRecord, choice: RuntimeChoice, *, int4: bool):
         from ffchat.triton_backend import TritonBackend
 
         weights = stored_weights(record, int4=True, device=choice.device)
-        backend = TritonBackend(weights, choice.context_length, dtype=choice.dtype,
-                                int8_activations=choice.backend == "triton-w4a8")
+        if choice.backend == "megakernel":
+            from ffchat.megakernel_backend import MegakernelBackend
+
+            backend = MegakernelBackend(weights, choice.context_length, dtype=choice.dtype)
+        else:
+            backend = TritonBackend(weights, choice.context_length, dtype=choice.dtype,
+                                    int8_activations=choice.backend == "triton-w4a8")
         return backend, f"int4 {weights.quantizer} g{weights.group_size}"
     from ffchat.model import Transformer
     from ffchat.reference_backend import ReferenceBackend

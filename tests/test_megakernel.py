@@ -1,0 +1,151 @@
+"""The whole-model kernel under TRITON_INTERPRET=1: one program running the sequential schedule, on tiny INT4
+models of every family, against ``megakernel_reference`` and against the Triton backend; its schedule as data;
+and the error flag when the schedule is broken.
+
+The interpreter runs programs one after another, so a program waiting on a later one can never be
+served: with two programs the round-robin schedule must raise the flag, not hang.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from factory import VOCAB_SIZE  # noqa: E402
+from test_triton_backend import CONTEXT, assert_close, tiny_config  # noqa: E402
+
+from ffchat.errors import FfchatError  # noqa: E402
+from ffchat.kernels.megakernel import megakernel_reference  # noqa: E402
+from ffchat.kernels.schedule import (  # noqa: E402
+    FIELDS, OP_ATTENTION, OP_EMBED, OP_HEAD, OP_QKV, Stage, build_schedule, decode_stages,
+)
+from ffchat.megakernel_backend import MegakernelBackend, default_config  # noqa: E402
+from ffchat.shapes import random_weights  # noqa: E402
+from ffchat.triton_backend import TritonBackend  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+def weights_of(family: str, seed: int = 0):
+    return random_weights(tiny_config(family), label=family, int4=True, seed=seed, group_size=32, device=DEVICE)
+
+
+def prompt_of(length: int, seed: int = 1) -> list[int]:
+    return torch.randint(0, VOCAB_SIZE, (length,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# --- the schedule -----------------------------------------------------------------------------
+
+
+def test_schedule_deals_every_item_once_and_counts_it_once():
+    stages = decode_stages(2, {OP_EMBED: 1, OP_QKV: 5, OP_ATTENTION: 4, 4: 3, 5: 7, 6: 3, OP_HEAD: 9})
+    assert len(stages) == 2 + 5 * 2 and stages[1] == Stage(OP_QKV, 0, 5)
+    schedule = build_schedule(stages, 3)
+    assert schedule.shape[0] == 3 and schedule.shape[2] == FIELDS
+    assert not schedule[:, -1].any(), "every program ends with a no-op slot"
+    for index, stage in enumerate(stages):
+        items, done = [], 0
+        for program in range(3):
+            mine = [e for e in schedule[program].tolist() if e[0] and e[5] == index]
+            items += [e[2] for e in mine]
+            done += sum(e[6] for e in mine)
+            want = stages[index - 1].items if index else 0
+            assert all(e[3] == max(index - 1, 0) and e[4] in (0, want) for e in mine), stage
+            assert [e[4] for e in mine][:1] in ([], [want]), "a program's first item of a stage polls"
+            assert all(e[4] == 0 for e in mine[1:]), "its later items of that stage do not"
+        assert sorted(items) == list(range(stage.items)), stage
+        assert done == stage.items, "the done counts add up to the stage's items"
+
+
+def test_schedule_balances_and_keeps_the_order_of_ops():
+    stages = decode_stages(1, {OP_EMBED: 1, OP_QKV: 4, OP_ATTENTION: 4, 4: 4, 5: 4, 6: 4, OP_HEAD: 5})
+    schedule = build_schedule(stages, 4)
+    for program in range(4):
+        done = [c for c in schedule[program, :, 5].tolist()]
+        ops = [c for c, op in zip(done, schedule[program, :, 0].tolist()) if op]
+        assert ops == sorted(ops), "a program runs its items in the order of the stages"
+        assert len(ops) in (6, 7)  # 27 items over 4 programs
+    with pytest.raises(ValueError, match="at least one"):
+        build_schedule(stages, 0)
+
+
+# --- the kernel against its reference -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
+def test_kernel_matches_its_reference(family):
+    """One step on a cache filled by a prompt: logits, the appended key and value, and no error."""
+    backend = MegakernelBackend(weights_of(family), CONTEXT, dtype=torch.float16)
+    assert backend.kernel_config.programs == 1
+    backend.prefill(prompt_of(21))  # past mistral's 16-token window
+    k, v = backend.k_cache.clone(), backend.v_cache.clone()
+    want = megakernel_reference(backend.model, k, v, backend.rope_cos, backend.rope_sin, 5, 22)
+    got = backend.decode(5)
+    backend.check()
+    assert_close(got, want.float())
+    for got_cache, want_cache in ((backend.k_cache, k), (backend.v_cache, v)):
+        assert (got_cache[:, :, 21] - want_cache[:, :, 21]).abs().max() < 2e-2
+        assert torch.equal(got_cache[:, :, :21], want_cache[:, :, :21]), "earlier tokens are never written"
+    assert not backend.state.counters.any() and not backend.state.exits.any(), "counters reset for the next step"
+    assert not backend.attention_workspace.arrivals.any(), "each KV head's last share resets its arrival counter"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_backend_decodes_as_the_triton_backend(family):
+    """Same weights, same prefill: the greedy tokens of several steps agree and the logits stay close."""
+    weights = weights_of(family, seed=3)
+    mega = MegakernelBackend(weights, CONTEXT, dtype=torch.float16)
+    triton = TritonBackend(weights, CONTEXT, dtype=torch.float16)
+    prompt = prompt_of(9, seed=4)
+    assert_close(mega.prefill(prompt), triton.prefill(prompt))
+    token = 3
+    for _ in range(4):
+        want = triton.decode(token)
+        got = mega.decode(token)
+        assert_close(got, want)
+        assert int(got.argmax()) == int(want.argmax())
+        token = int(want.argmax())
+    mega.check()
+
+
+# --- a broken schedule raises the flag, it does not hang ---------------------------------------------
+
+
+# A broken step computes on buffers its producers never wrote: numpy warns about the garbage.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_wait_that_can_never_be_met_sets_the_flag():
+    weights = weights_of("llama")
+    backend = MegakernelBackend(weights, CONTEXT, dtype=torch.float16)
+    stages = backend.state.stages
+    schedule = build_schedule(stages, 1)
+    gate_up = next(i for i, s in enumerate(stages) if s.name == "layer 1 gate_up")
+    first = (schedule[0, :, 5] == gate_up).nonzero()[0, 0]
+    schedule[0, first, 4] += 1  # wait for one item more than layer 1's O projection has
+    config = default_config(backend.model, backend.device)
+    broken = MegakernelBackend(weights, CONTEXT, dtype=torch.float16, schedule=schedule,
+                               config=type(config)(**{**config.__dict__, "spin_cap": 50}))
+    broken.prefill([1, 2, 3])
+    broken.decode(4)
+    with pytest.raises(FfchatError, match="stopped waiting for layer 1 o "):
+        broken.check()
+    assert int(broken.state.error[0]) == gate_up  # the counter index + 1 of the stage it waited for
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_two_programs_in_the_interpreter_raise_the_flag():
+    """Program 0 runs to its end before program 1 starts, so it waits in vain for program 1's first items."""
+    if DEVICE != "cpu":
+        pytest.skip("only the interpreter runs programs one after another")
+    weights = weights_of("llama")
+    config = default_config(MegakernelBackend(weights, CONTEXT, dtype=torch.float16).model, torch.device("cpu"))
+    backend = MegakernelBackend(weights, CONTEXT, dtype=torch.float16,
+                                config=type(config)(**{**config.__dict__, "programs": 2, "spin_cap": 20}))
+    backend.prefill([1, 2, 3])
+    backend.decode(4)
+    with pytest.raises(FfchatError, match="stopped waiting"):
+        backend.check()
