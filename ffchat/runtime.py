@@ -120,12 +120,12 @@ def choose_backend(requested: str, device: torch.device, config: ModelConfig, *,
     if requested == "auto":
         return "reference" if reason else "triton"
     if reason:
-        raise FfchatError(f"the triton backend cannot run this model: {reason}", hint="use --backend reference")
+        raise FfchatError(f"the {requested} backend cannot run this model: {reason}", hint="use --backend reference")
     if not int4:
-        raise FfchatError("the triton backend runs INT4 weights",
+        raise FfchatError(f"the {requested} backend runs INT4 weights",
                           hint="run `ffchat quantize MODEL` first (and leave out --fp16)")
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise FfchatError("the triton backend needs a CUDA GPU", hint="use --backend reference on the CPU")
+        raise FfchatError(f"the {requested} backend needs a CUDA GPU", hint="use --backend reference on the CPU")
     return requested
 
 
