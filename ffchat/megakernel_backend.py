@@ -97,7 +97,7 @@ class MegakernelBackend(TritonBackend):
             raise FfchatError(f"the megakernel cannot run on this GPU: {exc}", hint="use --backend triton") from None
         self.check()
         error = float((self.logits - want).abs().max() / want.abs().max())
-        if error > SELF_CHECK_TOLERANCE or int(self.logits.argmax()) != int(want.argmax()):
+        if error > SELF_CHECK_TOLERANCE:  # within it, a different argmax is a near-tie of rounding
             raise FfchatError(f"the megakernel failed its start-up check against the triton backend (relative "
                               f"error {error:.1e})", hint="use --backend triton")
         self.details["self_check_error"] = error
