@@ -9,6 +9,7 @@ served: with two programs the round-robin schedule must raise the flag, not hang
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pytest
 import torch
@@ -128,7 +129,7 @@ def test_a_wait_that_can_never_be_met_sets_the_flag():
     schedule[0, first, 4] += 1  # wait for one item more than layer 1's O projection has
     config = default_config(backend.model, backend.device)
     broken = MegakernelBackend(weights, CONTEXT, dtype=torch.float16, schedule=schedule,
-                               config=type(config)(**{**config.__dict__, "spin_cap": 50}))
+                               config=replace(config, spin_cap=50))
     broken.prefill([1, 2, 3])
     broken.decode(4)
     with pytest.raises(FfchatError, match="stopped waiting for layer 1 o "):
@@ -144,7 +145,7 @@ def test_two_programs_in_the_interpreter_raise_the_flag():
     weights = weights_of("llama")
     config = default_config(MegakernelBackend(weights, CONTEXT, dtype=torch.float16).model, torch.device("cpu"))
     backend = MegakernelBackend(weights, CONTEXT, dtype=torch.float16,
-                                config=type(config)(**{**config.__dict__, "programs": 2, "spin_cap": 20}))
+                                config=replace(config, programs=2, spin_cap=20))
     backend.prefill([1, 2, 3])
     backend.decode(4)
     with pytest.raises(FfchatError, match="stopped waiting"):
