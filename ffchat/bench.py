@@ -35,6 +35,7 @@ from ffchat import __version__
 from ffchat.backend import Backend
 from ffchat.errors import FfchatError
 from ffchat.profiles import profile_for_device
+from ffchat.runtime import TRITON_BACKENDS
 from ffchat.shapes import BenchWeights, random_weights, shape_config, stored_weights
 
 DEVICE = "cuda"
@@ -106,6 +107,7 @@ class BenchOptions:
     steps: int = 100
     warmup: int = 10
     json_path: Path | None = None
+    tune: bool = True  # tune the shape first where this GPU has not (as the first `ffchat run` does)
 
 
 def parse_backends(text: str) -> tuple[str, ...]:
@@ -134,6 +136,12 @@ def run_bench(options: BenchOptions, out: Console, err: Console) -> dict:
         raise FfchatError("name a stored model or a --shape, not both")
     if options.prompt < 1 or options.steps < 1 or options.warmup < 0:
         raise FfchatError("--prompt and --steps must be positive")
+    if options.tune and options.int4 and any(name in TRITON_BACKENDS for name in options.backends):
+        from ffchat.tune import shape_to_tune, tune_if_untuned
+
+        label, config, group_size = shape_to_tune(options.model, options.shape)
+        tune_if_untuned(label, config, group_size, torch.device("cuda"), err,
+                        megakernel="megakernel" in options.backends)
     total = 2 + len(options.backends) * (2 + len(options.contexts))
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())

@@ -195,11 +195,12 @@ def run(
     as_json: bool = typer.Option(False, "--json", help="Piped: one JSON object per answer (text, token counts, timing)."),
     raw: bool = typer.Option(False, "--raw", help="No chat template: plain text completion."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print timing after each answer (stderr)."),
-    backend: str = typer.Option("auto", "--backend", help="auto (triton on a GPU with INT4 weights, else reference), reference, triton, triton-w4a8 (int8 activations for gate/up and the LM head: faster, lossy; see `ffchat ppl --int8-activations`), or megakernel (the whole decode step in one persistent launch)."),
+    backend: str = typer.Option("auto", "--backend", help="auto (on a GPU with INT4 weights: the megakernel where tuning measured it faster, else triton; else reference), reference, triton, triton-w4a8 (int8 activations for gate/up and the LM head: faster, lossy; see `ffchat ppl --int8-activations`), or megakernel (the whole decode step in one persistent launch)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when there is a GPU)."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, fp32, fp16 or bf16."),
     fp16: bool = typer.Option(False, "--fp16", help="Use the original weights even when INT4 weights exist."),
     ctx: Optional[int] = typer.Option(None, "--ctx", help="Context length in tokens (default: the model's, capped to fit memory)."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="On the first run of a model shape on this GPU, tune the kernels first (about a minute for a 1B model; cached, as `ffchat tune` does)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 for greedy decoding."),
     top_k: Optional[int] = typer.Option(None, "--top-k"),
     top_p: Optional[float] = typer.Option(None, "--top-p"),
@@ -214,7 +215,7 @@ def run(
 
     options = ChatOptions(
         prompt=prompt, system=system, each_line=each_line, as_json=as_json, raw=raw, verbose=verbose,
-        backend=backend, device=device, dtype=dtype, fp16=fp16, ctx=ctx, stop=stop,
+        backend=backend, device=device, dtype=dtype, fp16=fp16, ctx=ctx, tune=tune, stop=stop,
         sampling=dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                       repeat_penalty=repeat_penalty, seed=seed, max_tokens=max_tokens),
     )
@@ -233,13 +234,14 @@ def bench(
     int4: bool = typer.Option(True, "--int4/--bf16", help="INT4 weights (group 128), or everything unquantized in bf16."),
     steps: int = typer.Option(100, "--steps", help="Timed decode steps per context."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and tokens."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune the kernels for the shape first where this GPU has not (as the first `ffchat run` does), so the figures are the ones a user gets."),
 ) -> None:
     """Decode and prefill speed of each backend against the GPU's copy-bandwidth roofline (needs a GPU)."""
     from ffchat.bench import DEFAULT_BACKENDS, BenchOptions, parse_backends, parse_contexts, run_bench
 
     options = BenchOptions(model=model, shape=shape, backends=parse_backends(backends) if backends else DEFAULT_BACKENDS,
                            contexts=parse_contexts(contexts),
-                           prompt=prompt, int4=int4, seed=seed, steps=steps, json_path=json_path)
+                           prompt=prompt, int4=int4, seed=seed, steps=steps, json_path=json_path, tune=tune)
     run_bench(options, _stdout(), err)
 
 

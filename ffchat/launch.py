@@ -27,6 +27,7 @@ class ChatOptions:
     dtype: str = "auto"
     fp16: bool = False  # run the original weights even when an INT4 artifact exists
     ctx: int | None = None
+    tune: bool = True  # tune the kernels on the first run of a shape on this GPU
     stop: list[str] = field(default_factory=list)
     sampling: dict = field(default_factory=dict)  # CLI overrides; None means "not given"
 
@@ -66,7 +67,7 @@ def load_backend(record, choice, *, use_int4: bool, interactive: bool, err: Cons
     from ffchat import runtime
 
     try:
-        return runtime.load_backend(record, choice, int4=use_int4)
+        return runtime.load_backend(record, choice, int4=use_int4, notice=err.print)
     except FfchatError as exc:
         if not (use_int4 and interactive and Confirm.ask(escape(str(exc)) + ". Re-quantize now?", console=err,
                                                          default=False)):
@@ -75,17 +76,19 @@ def load_backend(record, choice, *, use_int4: bool, interactive: bool, err: Cons
     from ffchat.quantize.methods import DEFAULT_METHOD
 
     quantize_model(record, method=DEFAULT_METHOD, group_size=None, keep_head_fp16=False, console=err)
-    return runtime.load_backend(record, choice, int4=True)
+    return runtime.load_backend(record, choice, int4=True, notice=err.print)
 
 
 def launch_chat(store: Store, model: str, options: ChatOptions, err: Console) -> None:
     from ffchat import runtime
     from ffchat.chat import InteractiveChat, run_piped
     from ffchat.config import ModelConfig
+    from ffchat.describe import int4_group_size
     from ffchat.generate import Generator
     from ffchat.int4 import has_int4
     from ffchat.session import ChatSession
     from ffchat.tokenizer import Tokenizer
+    from ffchat.tune import tune_if_untuned
 
     inputs = piped_inputs(options)
     quiet = inputs is not None
@@ -96,13 +99,20 @@ def launch_chat(store: Store, model: str, options: ChatOptions, err: Console) ->
     params = sampling_params(record.model_dir, options)
     device = runtime.choose_device(options.device, err)
     use_int4 = not options.fp16 and has_int4(record)
-    backend_name = runtime.choose_backend(options.backend, device, config, int4=use_int4)
+    group_size = int4_group_size(record) if use_int4 else None
+    backend_name = runtime.choose_backend(options.backend, device, config, int4=use_int4, group_size=group_size)
+    if options.tune and device.type == "cuda" and backend_name in runtime.TRITON_BACKENDS and group_size:
+        megakernel = options.backend in ("auto", "megakernel")
+        if tune_if_untuned(record.name, config, group_size, device, err, megakernel=megakernel):
+            backend_name = runtime.choose_backend(options.backend, device, config, int4=use_int4,
+                                                  group_size=group_size)
     dtype = runtime.choose_dtype(options.dtype, device, backend_name)
     choice = runtime.RuntimeChoice(
         device=device,
         dtype=dtype,
         context_length=runtime.choose_context(config, options.ctx, device, dtype, err),
         backend=backend_name,
+        automatic=options.backend == "auto",
     )
     backend, weights_label = load_backend(record, choice, use_int4=use_int4, interactive=not quiet, err=err)
     if not quiet:

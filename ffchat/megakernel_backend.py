@@ -2,7 +2,9 @@
 
 It is the Triton backend with its decode step replaced: the same INT4 weights (stacked over
 layers here, the Triton backend's per-layer tensors becoming views of the stacks), the same KV
-cache, RoPE tables and attention workspace, the same prefill. The step is captured once in a
+cache and RoPE tables, the same prefill. The attention workspace is its own: the Triton
+backend's is sized for one KV head at the full context (hundreds of shares per head at 128k),
+the megakernel's has a fixed number of shares per KV head, together about one per program. The step is captured once in a
 CUDA graph (the launch and the logits copy) and replayed per token.
 
 The kernel's error flag (a dependency wait that gave up) is copied to pinned host memory at the
@@ -18,7 +20,8 @@ import torch
 from torch import Tensor
 
 from ffchat.errors import FfchatError
-from ffchat.kernels.int4_gemv import pick_config
+from ffchat.kernels.decode_attention import make_workspace
+from ffchat.kernels.int4_gemv import GemvConfig, pick_config
 from ffchat.kernels.megakernel import (
     GEMV_ROLES, DecodeModel, MegakernelConfig, StackedLinear, megakernel_decode, prepare, sms,
 )
@@ -31,22 +34,43 @@ from ffchat.triton_backend import TritonBackend, TritonLayer
 # check accepts: both round bf16 activations, in different orders (split-K, tiles).
 SELF_CHECK_TOLERANCE = 3e-2
 PROGRAMS_PER_SM = 2
+MOST_ATTENTION_SPLITS = 32
 
 
-def default_config(model: DecodeModel, device: torch.device) -> MegakernelConfig:
-    """Two programs of 4 warps per SM (one in the interpreter), the GPU profile's W4A16 tiles without split-K,
-    each requesting its next tile before computing the current one.
+def default_config(model: DecodeModel, device: torch.device,
+                   start_tiles: dict[str, GemvConfig] | None = None) -> MegakernelConfig:
+    """Two programs of 4 warps per SM (one in the interpreter), the GPU profile's W4A16 tiles (or ``start_tiles``)
+    without split-K or register cap, each requesting its next tile before computing the current one;
+    attention in about one share per program (a power of two from 2 to 32 per KV head) of 64-key blocks.
 
     Measured on an H200 (1B, context 512; BENCHMARKS.md, 2026-12-02): one program per SM 894 us, two 598,
     three or four under a register cap 636-648; 8 warps 929 (and then only one fits an SM); prefetch 583.
+    Attention (1B): 32 shares of 64-key blocks 599 us at context 512 and 661 at 4096, of 16-key blocks
+    615 and 760, 16 shares of 16 keys 640 at 512.
     """
     programs = PROGRAMS_PER_SM * sms(device) if device.type == "cuda" else 1
     tiles = {}
     for role in GEMV_ROLES:
         linear: StackedLinear = getattr(model, role)
-        tile = pick_config(linear.rows, linear.inputs, linear.group_size, gated=role == "gate_up", device=device)
+        tile = start_tiles[role] if start_tiles else pick_config(linear.rows, linear.inputs, linear.group_size,
+                                                                 gated=role == "gate_up", device=device)
         tiles[role] = replace(tile, split_k=1, max_registers=None, prefetch=True)
-    return MegakernelConfig(programs=programs, num_warps=4, tiles=tiles)
+    return MegakernelConfig(programs=programs, num_warps=4, tiles=tiles,
+                            attention_splits=attention_splits(programs, model.num_kv_heads))
+
+
+def config_from_fields(fields: dict) -> MegakernelConfig:
+    """A config from its ``dataclasses.asdict`` fields, the tuning cache's form."""
+    return MegakernelConfig(**{**fields, "tiles": {role: GemvConfig(**tile) for role, tile in fields["tiles"].items()}})
+
+
+def attention_splits(programs: int, num_kv_heads: int) -> int:
+    """Shares per KV head for one layer's attention items to about fill the grid: a power of two, 2 to 32.
+
+    Independent of the context: each share's keys grow with the length, not the number of items.
+    """
+    per_head = max(2, programs // num_kv_heads)
+    return min(MOST_ATTENTION_SPLITS, 1 << (per_head.bit_length() - 1))
 
 
 def _stack_role(layers: list[TritonLayer], role: str, bias_role: str) -> StackedLinear:
@@ -68,17 +92,25 @@ class MegakernelBackend(TritonBackend):
 
     def __init__(self, weights: BenchWeights, context_length: int, *, dtype: torch.dtype = torch.bfloat16,
                  use_graph: bool | None = None, config: MegakernelConfig | None = None,
-                 schedule: Tensor | None = None):
-        """``config`` and ``schedule`` override the defaults (tuning and tests)."""
+                 schedule: Tensor | None = None, start_tiles: dict[str, GemvConfig] | None = None):
+        """``config`` and ``schedule`` override the tuned or default ones (tuning and tests); ``start_tiles``
+        (tuning) replaces the profile's GEMV tiles in the default config."""
         super().__init__(weights, context_length, dtype=dtype, name="megakernel", use_graph=use_graph)
         if not isinstance(self.head, Int4Linear):
             raise FfchatError("the megakernel needs an INT4 LM head and this model keeps it in 16 bits",
                               hint="use --backend triton")
         self.model = self._stack_model()
-        self.kernel_config = config or default_config(self.model, self.device)
+        cached = self.cached_tuning.megakernel if self.cached_tuning else None
+        tuned = config_from_fields(cached.config) if cached and cached.config and not (config or start_tiles) \
+            else None
+        self.kernel_config = config or tuned or default_config(self.model, self.device, start_tiles)
+        self.attention_workspace = make_workspace(
+            self.config.num_heads, self.config.head_dim, context_length, self.kernel_config.attention_config(),
+            num_kv_heads=self.config.num_kv_heads, device=self.device)
         self.state = prepare(self.model, self.kernel_config, self.attention_workspace, schedule)
         self.error_seen = torch.zeros(1, dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        self.details = {**self.details, "programs": self.kernel_config.programs,
+        self.details = {**self.details, "megakernel_tuned": tuned is not None, "programs": self.kernel_config.programs,
+                        "attention_splits": self.kernel_config.attention_splits,
                         "schedule_slots": self.state.schedule.shape[1] - 1}
         if self.device.type == "cuda":
             self._self_check()

@@ -30,6 +30,7 @@ class RuntimeChoice:
     dtype: torch.dtype
     context_length: int
     backend: str
+    automatic: bool = False  # chosen by ``auto``: a megakernel that fails its start-up check falls back to triton
 
 
 def resolve_model(store: Store, name: str, console: Console) -> ModelRecord:
@@ -108,8 +109,11 @@ def choose_context(
     return capped
 
 
-def choose_backend(requested: str, device: torch.device, config: ModelConfig, *, int4: bool) -> str:
-    """``auto``: the Triton backend on a CUDA GPU with INT4 weights it supports, else the reference engine."""
+def choose_backend(requested: str, device: torch.device, config: ModelConfig, *, int4: bool,
+                   group_size: int | None = None) -> str:
+    """``auto``: on a CUDA GPU with INT4 weights (of ``group_size``) the kernels support, the megakernel where
+    `ffchat tune` measured it faster than the Triton backend on this GPU, else the Triton backend; elsewhere
+    the reference engine."""
     if requested not in BACKENDS:
         raise FfchatError(f"unknown backend {requested!r}; choose one of: {', '.join(BACKENDS)}")
     if requested == "reference" or (requested == "auto" and (device.type != "cuda" or not int4)):
@@ -118,7 +122,8 @@ def choose_backend(requested: str, device: torch.device, config: ModelConfig, *,
 
     reason = unsupported_reason(config)
     if requested == "auto":
-        return "reference" if reason else "triton"
+        return "reference" if reason else "megakernel" if megakernel_tuned_faster(device, config, group_size) \
+            else "triton"
     if reason:
         raise FfchatError(f"the {requested} backend cannot run this model: {reason}", hint="use --backend reference")
     if not int4:
@@ -127,6 +132,17 @@ def choose_backend(requested: str, device: torch.device, config: ModelConfig, *,
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise FfchatError(f"the {requested} backend needs a CUDA GPU", hint="use --backend reference on the CPU")
     return requested
+
+
+def megakernel_tuned_faster(device: torch.device, config: ModelConfig, group_size: int | None) -> bool:
+    """Whether this GPU's tuning of this shape timed the megakernel's decode step below the Triton backend's."""
+    if group_size is None:
+        return False
+    from ffchat.profiles import GpuIdentity
+    from ffchat.tuning_cache import load_tuning
+
+    tuning = load_tuning(GpuIdentity.of(device), config, group_size)
+    return bool(tuning and tuning.megakernel and tuning.megakernel.faster)
 
 
 def load_weights(record: ModelRecord, dtype: torch.dtype, *, int4: bool) -> tuple[dict, str]:
@@ -141,18 +157,27 @@ def load_weights(record: ModelRecord, dtype: torch.dtype, *, int4: bool) -> tupl
     return load_state_dict(record, dtype=dtype), str(dtype).removeprefix("torch.")
 
 
-def load_backend(record: ModelRecord, choice: RuntimeChoice, *, int4: bool):
-    """Build the chosen backend over the record's weights; return (backend, a label for the weights)."""
+def load_backend(record: ModelRecord, choice: RuntimeChoice, *, int4: bool, notice=print):
+    """Build the chosen backend over the record's weights; return (backend, a label for the weights).
+
+    A megakernel ``auto`` chose that fails its start-up check gives way to the Triton backend, with a notice.
+    """
     if choice.backend in TRITON_BACKENDS:
         from ffchat.shapes import stored_weights
         from ffchat.triton_backend import TritonBackend
 
         weights = stored_weights(record, int4=True, device=choice.device)
+        backend = None
         if choice.backend == "megakernel":
             from ffchat.megakernel_backend import MegakernelBackend
 
-            backend = MegakernelBackend(weights, choice.context_length, dtype=choice.dtype)
-        else:
+            try:
+                backend = MegakernelBackend(weights, choice.context_length, dtype=choice.dtype)
+            except FfchatError as exc:
+                if not choice.automatic:
+                    raise
+                notice(f"{exc}: running the triton backend instead")
+        if backend is None:
             backend = TritonBackend(weights, choice.context_length, dtype=choice.dtype,
                                     int8_activations=choice.backend == "triton-w4a8")
         return backend, f"int4 {weights.quantizer} g{weights.group_size}"

@@ -39,7 +39,7 @@ from ffchat.kernels.rope_kv import rope_kv_append
 from ffchat.model import attention_mask, int8_round, rms_norm, rope_tables
 from ffchat.profiles import GpuIdentity
 from ffchat.shapes import EMBED, HEAD, BenchWeights, Int4Linear
-from ffchat.tuning_cache import decode_problems, load_tuning
+from ffchat.tuning_cache import load_tuning
 
 # Tokens per prefill pass: bounds the activations and the attention mask of a long prompt.
 PREFILL_CHUNK = 1024
@@ -130,15 +130,12 @@ class TritonBackend:
         self.scratch = torch.empty(largest, dtype=dtype, device=self.device)  # prefill's dequantized weight
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures = 0
-        # GEMV tiles `ffchat tune` measured for this shape on this GPU, by role; else the GPU profile's tables.
-        self.tuning = self._cached_tuning(weights)
+        # What `ffchat tune` measured for this shape on this GPU; the GEMV tiles by role, else the profile's tables.
+        self.cached_tuning = load_tuning(GpuIdentity.of(self.device), config, weights.group_size) \
+            if self.device.type == "cuda" else None
+        self.tuning = None if self.cached_tuning is None else {
+            role: GemvConfig(**fields) for role, fields in self.cached_tuning.gemv.items()}
         self.details = {"tuned": self.tuning is not None}
-
-    def _cached_tuning(self, weights: BenchWeights) -> dict[str, GemvConfig] | None:
-        if self.device.type != "cuda":
-            return None
-        tuned = load_tuning(GpuIdentity.of(self.device), decode_problems(self.config, weights.group_size))
-        return None if tuned is None else {role: GemvConfig(**fields) for role, fields in tuned.items()}
 
     def _dense(self, weights: BenchWeights, name: str) -> Tensor:
         return weights.dense[name].to(device=self.device, dtype=self.dtype)

@@ -9,13 +9,21 @@ The profile's own choice is always a candidate. Timed alone, a GEMV only approxi
 cost inside the captured step (PDL overlaps neighbours): on an H200 the 1B winners, each
 0-2% faster alone, made the step 4% faster; another set, with one GEMV 7% faster alone,
 changed it by nothing (BENCHMARKS.md, 2026-12-02).
-The winners go to ``ffchat.tuning_cache``; the Triton backend reads them at start-up and
-`ffchat show` says whether a model is tuned here.
+Then the whole-model kernel (``ffchat.megakernel_backend``): its default configuration and
+one built on the tuned tiles, each compiled, checked against the Triton backend by the
+backend's own start-up check, and timed over a decode step at ``TUNE_CONTEXT`` cached tokens,
+as is the Triton backend's step in the same process. Only a few candidates: each is a
+compile of the whole kernel (~10 s on an H200's host), and the first `ffchat run` on a GPU
+tunes while the user waits (a 1B model under a minute).
+The winners go to ``ffchat.tuning_cache``; the backends read them at start-up, ``auto``
+runs the megakernel where it measured faster, and `ffchat show` says what a model uses here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,10 +35,13 @@ from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_reference, pick_config
 from ffchat.profiles import GpuIdentity
-from ffchat.tuning_cache import GemvProblem, decode_problems, save_tuning, tuning_path
+from ffchat.tuning_cache import GemvProblem, MegakernelTuning, decode_problems, save_tuning, tuning_path
 
 MAX_REL_ERR = 1e-3  # a correct candidate measures ~3e-5 against the fp32 reference
 ROTATED_BYTES = 4  # rotate weights through this many times the L2 size, so L2 cannot serve a repeat
+TUNE_CONTEXT = 512  # cached tokens while whole decode steps are timed
+STEP_REPEATS = 50  # timed decode steps per backend (after 5 warm-up steps)
+MEGAKERNEL_STEPS = 3  # progress steps of the megakernel phase: the Triton step, then two candidates
 
 
 def candidates(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
@@ -143,17 +154,69 @@ def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Calla
     return ProblemResult(problem, best, seconds * 1e6, profile_us, rejected)
 
 
+def step_us(backend, tokens: list[int]) -> float:
+    """Median us of a decode step with ``TUNE_CONTEXT`` tokens cached (``ffchat bench``'s timing)."""
+    from ffchat.bench import time_decode
+
+    return statistics.median(time_decode(backend, TUNE_CONTEXT, tokens, STEP_REPEATS, warmup=5)) * 1e3
+
+
+def tune_megakernel(config: ModelConfig, group_size: int, device: torch.device, tuned: dict[str, GemvConfig],
+                    on_candidate: Callable[[], None] = lambda: None) -> MegakernelTuning:
+    """Time the Triton backend's step, then the megakernel's with the profile's tiles and with the tuned ones
+    (as the megakernel runs tiles: one K slice, no register cap of their own, the next tile requested early),
+    each that compiles, fits the GPU and passes its start-up check against the Triton backend; the fastest.
+
+    Random weights of the shape; every backend is freed before the next is built.
+    """
+    from ffchat.megakernel_backend import MegakernelBackend
+    from ffchat.shapes import random_weights
+    from ffchat.triton_backend import TritonBackend
+
+    weights = random_weights(config, label="tune", int4=True, group_size=group_size, device=device)
+    tokens = torch.randint(0, config.vocab_size, (TUNE_CONTEXT + STEP_REPEATS,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
+    context = TUNE_CONTEXT + 1
+    triton_us = step_us(TritonBackend(weights, context), tokens)
+    on_candidate()
+    timed, rejected = [], 0
+    for start_tiles in (None, tuned):
+        torch.cuda.empty_cache()
+        try:
+            backend = MegakernelBackend(weights, context, start_tiles=start_tiles)
+            if all(backend.kernel_config != cfg for _, cfg in timed):
+                timed.append((step_us(backend, tokens), backend.kernel_config))
+            del backend
+        except Exception:  # noqa: BLE001 - no compile, no room on the GPU, or a failed check: no winner
+            rejected += 1
+        on_candidate()
+    if not timed:
+        return MegakernelTuning({}, math.inf, triton_us, TUNE_CONTEXT, rejected)
+    us, best = min(timed, key=lambda item: item[0])
+    return MegakernelTuning(dataclasses.asdict(best), us, triton_us, TUNE_CONTEXT, rejected)
+
+
 def tune(config: ModelConfig, group_size: int, device: torch.device,
-         on_candidate: Callable[[], None] = lambda: None) -> tuple[Path, list[ProblemResult], float]:
-    """Tune every decode GEMV of the shape on ``device``, store the result; (file, results, seconds)."""
+         on_candidate: Callable[[], None] = lambda: None, *, megakernel: bool = True
+         ) -> tuple[Path, list[ProblemResult], MegakernelTuning | None, float]:
+    """Tune every decode GEMV of the shape on ``device``, then (``megakernel``) the whole-model kernel, and store
+    the result; (file, GEMV results, megakernel result, seconds)."""
     started = time.perf_counter()
-    problems = decode_problems(config, group_size)
-    results = [tune_problem(problem, device, on_candidate) for problem in problems]
-    seconds = time.perf_counter() - started
+    results = [tune_problem(problem, device, on_candidate) for problem in decode_problems(config, group_size)]
     identity = GpuIdentity.of(device)
-    path = tuning_path(identity, problems)
-    save_tuning(path, identity, results, seconds)
-    return path, results, seconds
+    path = tuning_path(identity, config, group_size)
+    save_tuning(path, identity, results, time.perf_counter() - started)  # the backends timed next read it
+    mega = None
+    if megakernel:
+        mega = tune_megakernel(config, group_size, device, {r.problem.role: r.config for r in results}, on_candidate)
+        save_tuning(path, identity, results, time.perf_counter() - started, mega)
+    return path, results, mega, time.perf_counter() - started
+
+
+def progress_steps(config: ModelConfig, group_size: int, device: torch.device, megakernel: bool) -> int:
+    """How many times ``tune`` calls its ``on_candidate``: a progress bar's total."""
+    gemv = sum(len(candidates(p, device)) for p in decode_problems(config, group_size))
+    return gemv + (MEGAKERNEL_STEPS if megakernel else 0)
 
 
 def shape_to_tune(model: str | None, shape: str | None) -> tuple[str, ModelConfig, int]:
@@ -174,20 +237,54 @@ def shape_to_tune(model: str | None, shape: str | None) -> tuple[str, ModelConfi
     return record.name, ModelConfig.from_file(record.model_dir / "config.json"), int(manifest["group_size"])
 
 
+def tune_with_progress(label: str, config: ModelConfig, group_size: int, device: torch.device, err, *,
+                       megakernel: bool = True):
+    """``tune`` under a progress bar on ``err`` that disappears when done; ``tune``'s result."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=True) as progress:
+        task = progress.add_task(f"tuning {label}", total=progress_steps(config, group_size, device, megakernel))
+        return tune(config, group_size, device, lambda: progress.advance(task), megakernel=megakernel)
+
+
+def tune_if_untuned(name: str, config: ModelConfig, group_size: int, device: torch.device, err, *,
+                    megakernel: bool) -> bool:
+    """Tune the kernels for this shape on this GPU unless a tuning is cached (with the megakernel's, if it may run):
+    the first `ffchat run` or `bench` of a shape on a GPU. Returns whether it tuned.
+
+    A failed tuning is a notice, not an error: the profile's tables still run.
+    """
+    from rich.markup import escape
+
+    from ffchat.tuning_cache import describe_megakernel, load_tuning
+
+    identity = GpuIdentity.of(device)
+    cached = load_tuning(identity, config, group_size)
+    if cached is not None and (cached.megakernel is not None or not megakernel):
+        return False
+    err.print(f"first run of {escape(name)} on this {identity.name}: tuning its kernels once "
+              "(cached for later runs; `--no-tune` skips this)")
+    try:
+        _, _, mega, seconds = tune_with_progress(name, config, group_size, device, err, megakernel=megakernel)
+    except FfchatError as exc:
+        err.print(f"tuning failed ({escape(str(exc))}): running the GPU profile's tables")
+        return False
+    err.print(f"tuned in {seconds:.0f} s" + (f"; {describe_megakernel(mega)}" if megakernel else ""))
+    return True
+
+
 def run_tune(model: str | None, shape: str | None, out, err) -> None:
     """`ffchat tune`: a progress bar per candidate, then a table of what was chosen against the profile."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
+
+    from ffchat.tuning_cache import describe_megakernel
 
     label, config, group_size = shape_to_tune(model, shape)  # a wrong model name first, GPU or not
     if not torch.cuda.is_available():
         raise FfchatError("ffchat tune needs a CUDA GPU and none was found")
     device = torch.device("cuda")
-    total = sum(len(candidates(p, device)) for p in decode_problems(config, group_size))
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as progress:
-        task = progress.add_task(f"tuning {label}", total=total)
-        path, results, seconds = tune(config, group_size, device, lambda: progress.advance(task))
+    path, results, mega, seconds = tune_with_progress(label, config, group_size, device, err)
     table = Table(title=f"{label} on {GpuIdentity.of(device).name}: decode GEMV tiles")
     for column in ("GEMV", "N x K", "tile (outputs x inputs, warps)", "us", "profile's us", "rejected"):
         table.add_column(column)
@@ -198,4 +295,5 @@ def run_tune(model: str | None, shape: str | None, out, err) -> None:
         table.add_row(r.problem.role, f"{r.problem.n} x {r.problem.k}", tile, f"{r.us:.2f}", f"{r.profile_us:.2f}",
                       str(r.rejected))
     out.print(table)
+    out.print(f"whole-model kernel: {describe_megakernel(mega)}")
     out.print(f"tuned in {seconds:.1f} s; saved {path}")

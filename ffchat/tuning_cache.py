@@ -1,10 +1,11 @@
-"""The `ffchat tune` cache: which GEMV shapes a model launches, and the tiles measured for them on one GPU.
+"""The `ffchat tune` cache: the GEMV tiles measured for a model shape on one GPU, and the whole-model
+kernel's configuration with its step time against the Triton backend's.
 
 Separate from the search (``ffchat.tune``) so that reading it needs no kernel or Triton
-import: `ffchat show` and the Triton backend's start-up only look a file up. A file is
-keyed by the GPU identity (name, compute capability, SMs, driver, CUDA and Triton versions)
-and the GEMV shapes, stored beside Triton's compile cache, and written through a
-temporary name, so a half-written file is never read.
+import: `ffchat show`, the backends' start-up and ``auto``'s choice only look a file up. A
+file is keyed by the GPU identity (name, compute capability, SMs, driver, CUDA and Triton
+versions), the GEMV shapes and the layer and head counts, stored beside Triton's compile
+cache, and written through a temporary name, so a half-written file is never read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ffchat.config import ModelConfig
 from ffchat.profiles import GpuIdentity
 from ffchat.quantize.layout import choose_group_size
 
-FORMAT = 1  # of the cache file; another value is ignored (re-tune)
+FORMAT = 2  # of the cache file; another value is ignored (re-tune)
 
 
 @dataclass(frozen=True)
@@ -63,14 +64,43 @@ def tuning_dir() -> Path:
     return triton_cache.parent / "ffchat-tuning"
 
 
-def tuning_path(identity: GpuIdentity, problems: list[GemvProblem]) -> Path:
-    """The cache file of this GPU setup and these GEMV shapes (a hash of both)."""
-    key = json.dumps({"format": FORMAT, "gpu": dataclasses.asdict(identity),
-                      "problems": [dataclasses.asdict(p) for p in problems]}, sort_keys=True)
+@dataclass(frozen=True)
+class MegakernelTuning:
+    """The whole-model kernel's fastest correct configuration (``MegakernelConfig`` fields) and the decode step
+    time, in us at ``context`` cached tokens, of it and of the Triton backend, measured in one process."""
+
+    config: dict
+    us: float
+    triton_us: float
+    context: int
+    rejected: int  # candidates that failed to compile, to be resident, or the check against the Triton backend
+
+    @property
+    def faster(self) -> bool:
+        return self.us < self.triton_us
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """One cache file: ``GemvConfig`` fields by role; the megakernel's result when it was tuned too."""
+
+    date: str
+    gemv: dict[str, dict]
+    megakernel: MegakernelTuning | None
+
+
+def tuning_path(identity: GpuIdentity, config: ModelConfig, group_size: int) -> Path:
+    """The cache file of this GPU setup and this model shape (a hash of both)."""
+    shape = {"layers": config.num_layers, "heads": config.num_heads, "kv_heads": config.num_kv_heads,
+             "head_dim": config.head_dim}
+    key = json.dumps({"format": FORMAT, "gpu": dataclasses.asdict(identity), "shape": shape,
+                      "problems": [dataclasses.asdict(p) for p in decode_problems(config, group_size)]},
+                     sort_keys=True)
     return tuning_dir() / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
 
 
-def save_tuning(path: Path, identity: GpuIdentity, results: list, seconds: float) -> None:
+def save_tuning(path: Path, identity: GpuIdentity, results: list, seconds: float,
+                megakernel: MegakernelTuning | None = None) -> None:
     """Write the winners through a temporary file and a rename: a later run never reads half a file."""
     record = {
         "format": FORMAT,
@@ -79,6 +109,7 @@ def save_tuning(path: Path, identity: GpuIdentity, results: list, seconds: float
         "seconds": round(seconds, 1),
         "gemv": {r.problem.role: {"problem": dataclasses.asdict(r.problem), "config": dataclasses.asdict(r.config),
                                   "us": r.us, "profile_us": r.profile_us, "rejected": r.rejected} for r in results},
+        "megakernel": None if megakernel is None else dataclasses.asdict(megakernel),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -86,28 +117,41 @@ def save_tuning(path: Path, identity: GpuIdentity, results: list, seconds: float
     os.replace(temporary, path)
 
 
-def load_tuning(identity: GpuIdentity, problems: list[GemvProblem]) -> dict[str, dict] | None:
-    """The cached ``GemvConfig`` fields by role, or None when this GPU setup has not tuned these shapes (or the
-    file is unreadable)."""
-    path = tuning_path(identity, problems)
+def load_tuning(identity: GpuIdentity, config: ModelConfig, group_size: int) -> Tuning | None:
+    """What this GPU setup measured for this shape, or None when it has not been tuned (or the file is unreadable
+    or of another format)."""
+    path = tuning_path(identity, config, group_size)
     try:
         record = json.loads(path.read_text())
         if record.get("format") != FORMAT:
             return None
-        return {role: dict(entry["config"]) for role, entry in record["gemv"].items()}
+        mega = record.get("megakernel")
+        return Tuning(str(record["date"]), {role: dict(entry["config"]) for role, entry in record["gemv"].items()},
+                      None if mega is None else MegakernelTuning(**mega))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def tuning_status(config: ModelConfig, group_size: int | None) -> str:
-    """The `ffchat show` line: whether this shape is tuned on this machine's GPU."""
+    """The `ffchat show` line: whether this shape is tuned on this machine's GPU, and which backend won."""
     if not torch.cuda.is_available():
         return "no CUDA GPU here"
     if group_size is None:
         return "not quantized: the Triton kernels run INT4 weights"
-    path = tuning_path(GpuIdentity.of(torch.device("cuda")), decode_problems(config, group_size))
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return "not tuned on this GPU: the profile's tables (run `ffchat tune` to measure)"
-    return f"tuned on this GPU {record.get('date', '?')} ({path})"
+    identity = GpuIdentity.of(torch.device("cuda"))
+    tuning = load_tuning(identity, config, group_size)
+    if tuning is None:
+        return "not tuned on this GPU: the profile's tables (the first `ffchat run` tunes, or `ffchat tune`)"
+    return f"tuned on this GPU {tuning.date}; {describe_megakernel(tuning.megakernel)} " \
+           f"({tuning_path(identity, config, group_size)})"
+
+
+def describe_megakernel(tuning: MegakernelTuning | None) -> str:
+    """Which decode backend ``auto`` runs after this tuning, and why (one phrase)."""
+    if tuning is None:
+        return "whole-model kernel not tuned"
+    if not tuning.config:
+        return "auto runs the triton backend (no megakernel configuration passed its checks on this GPU)"
+    verdict = "auto runs the megakernel" if tuning.faster else "auto runs the triton backend"
+    return f"{verdict} (megakernel {tuning.us:.0f} us, triton {tuning.triton_us:.0f} us per step at " \
+           f"{tuning.context} tokens)"

@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ffchat.kernels.counters import add_count, reset_when_last, wait_count
 from ffchat.kernels.decode_attention import (
-    LOG2E, MIN_HEAD_ROWS, DecodeAttentionWorkspace, attention_prefetch, attention_share, combine_block,
+    LOG2E, MIN_HEAD_ROWS, DecodeAttentionConfig, DecodeAttentionWorkspace, attention_prefetch, attention_share, combine_block,
     decode_attention_reference,
 )
 from ffchat.kernels.int4_gemv import (
@@ -110,7 +110,10 @@ class DecodeModel:
 
 @dataclass(frozen=True)
 class MegakernelConfig:
-    """Grid, warps, one GEMV tile per role (split-K is not used: items are row blocks) and the spin cap.
+    """Grid, warps, one GEMV tile per role (split-K is not used: items are row blocks), attention shares, spin cap.
+
+    ``attention_splits`` shares per KV head (each of whole ``attention_block``-key blocks) make
+    one layer's attention items; the attention workspace must be made for them (``attention_config``).
 
     ``max_registers``: a per-thread register cap for ptxas, which lets more programs share an SM.
     Every program must be resident at once (they wait on each other): ``megakernel_decode``
@@ -120,9 +123,14 @@ class MegakernelConfig:
     programs: int
     num_warps: int
     tiles: dict[str, GemvConfig]
+    attention_splits: int = 32
+    attention_block: int = 64
     embed_block: int = 1024
     spin_cap: int = DEFAULT_SPIN_CAP
     max_registers: int | None = None
+
+    def attention_config(self) -> DecodeAttentionConfig:
+        return DecodeAttentionConfig(splits=self.attention_splits, block_n=self.attention_block)
 
 
 @dataclass
@@ -164,7 +172,10 @@ def prepare(model: DecodeModel, config: MegakernelConfig, workspace: DecodeAtten
         if tile.block_k % linear.group_size or tile.split_k != 1:
             raise ValueError(f"{role}: block_k {tile.block_k} must be a multiple of the group size "
                              f"{linear.group_size}, and split_k 1")
-    stages = decode_stages(model.num_layers, _stage_items(model, config, workspace.config.splits))
+    if (workspace.config.splits, workspace.config.block_n) != (config.attention_splits, config.attention_block):
+        raise ValueError(f"the attention workspace is made for {workspace.config}, the megakernel config wants "
+                         f"{config.attention_splits} shares of {config.attention_block}-key blocks")
+    stages = decode_stages(model.num_layers, _stage_items(model, config, config.attention_splits))
     if schedule is None:
         schedule = build_schedule(stages, config.programs)
     if schedule.shape[0] != config.programs or schedule.shape[2] != FIELDS:
@@ -312,7 +323,6 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
         raise ValueError(f"k_cache must be a contiguous [{model.num_layers}, {model.num_kv_heads}, S, "
                          f"{model.head_dim}] tensor, got {tuple(k_cache.shape)}")
     group = model.num_heads // hkv
-    att = workspace.config
     norm_block = min(triton.next_power_of_2(model.hidden), 4096)
 
     def bias(linear: StackedLinear) -> torch.Tensor:
@@ -343,8 +353,8 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
         **tile("qkv", "QKV"), QKV_BIAS=model.qkv.bias is not None, **tile("o", "O"), O_BIAS=model.o.bias is not None,
         **tile("gate_up", "GU"), GU_BIAS=model.gate_up.bias is not None, **tile("down", "DOWN"),
         DOWN_BIAS=model.down.bias is not None, **tile("head", "HEAD"),
-        SPLITS=att.splits, ATT_BLOCK_N=att.block_n, GROUP_ROWS=max(MIN_HEAD_ROWS, triton.next_power_of_2(group)),
-        BLOCK_S=combine_block(att.splits),
+        SPLITS=cfg.attention_splits, ATT_BLOCK_N=cfg.attention_block,
+        GROUP_ROWS=max(MIN_HEAD_ROWS, triton.next_power_of_2(group)), BLOCK_S=combine_block(cfg.attention_splits),
         HAS_WINDOW=model.sliding_window is not None, HAS_Q_NORM=model.q_norm is not None,
         HAS_K_NORM=model.k_norm is not None, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         INTERPRET=_INTERPRETED, DOT_FP32=_INTERPRETED and k_cache.dtype == torch.bfloat16,

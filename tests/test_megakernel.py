@@ -8,8 +8,9 @@ served: with two programs the round-robin schedule must raise the flag, not hang
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -22,10 +23,13 @@ from test_triton_backend import CONTEXT, assert_close, tiny_config  # noqa: E402
 
 from ffchat.errors import FfchatError  # noqa: E402
 from ffchat.kernels.megakernel import megakernel_reference  # noqa: E402
+from ffchat.kernels.decode_attention import pick_config as pick_attention_config  # noqa: E402
 from ffchat.kernels.schedule import (  # noqa: E402
     FIELDS, OP_ATTENTION, OP_EMBED, OP_HEAD, OP_QKV, Stage, build_schedule, decode_stages,
 )
-from ffchat.megakernel_backend import MegakernelBackend, default_config  # noqa: E402
+from ffchat.megakernel_backend import (  # noqa: E402
+    MegakernelBackend, attention_splits, config_from_fields, default_config,
+)
 from ffchat.shapes import random_weights  # noqa: E402
 from ffchat.triton_backend import TritonBackend  # noqa: E402
 
@@ -112,6 +116,33 @@ def test_backend_decodes_as_the_triton_backend(family):
         assert int(got.argmax()) == int(want.argmax())
         token = int(want.argmax())
     mega.check()
+
+
+def test_attention_shares_fill_the_grid_whatever_the_context():
+    """About one attention item per program per layer, never more than 32 shares per KV head: the Triton
+    backend's workspace, sized for one KV head at the full context, would give 8 x 512 items at 128k."""
+    assert [attention_splits(264, hkv) for hkv in (2, 8, 32)] == [32, 32, 8]
+    assert attention_splits(1, 8) == 2 and attention_splits(100, 8) == 8
+    assert pick_attention_config(131072, 1, num_sms=132).splits == 512
+    long_context = 2048
+    backend = MegakernelBackend(weights_of("llama"), long_context, dtype=torch.float16)
+    splits = backend.kernel_config.attention_splits
+    assert backend.attention_workspace.config == backend.kernel_config.attention_config()
+    assert backend.attention_workspace.acc.shape[1] == splits == 2  # one program in the interpreter
+    attention = [stage for stage in backend.state.stages if stage.op == OP_ATTENTION]
+    assert {stage.items for stage in attention} == {backend.config.num_kv_heads * splits}
+    backend.prefill(prompt_of(130))  # more keys than two shares of one 64-key block each
+    want = megakernel_reference(backend.model, backend.k_cache.clone(), backend.v_cache.clone(), backend.rope_cos,
+                                backend.rope_sin, 7, 131)
+    assert_close(backend.decode(7), want.float())
+    backend.check()
+
+
+def test_a_config_survives_the_tuning_cache_round_trip():
+    """The cache stores a config as JSON fields; read back it is the same config, tiles included."""
+    model = MegakernelBackend(weights_of("qwen2"), CONTEXT, dtype=torch.float16).model
+    config = replace(default_config(model, torch.device("cpu")), attention_splits=4)
+    assert config_from_fields(json.loads(json.dumps(asdict(config)))) == config
 
 
 # --- a broken schedule raises the flag, it does not hang ---------------------------------------------

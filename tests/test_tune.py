@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +14,9 @@ from ffchat.kernels.int4_gemv import GemvConfig, pick_config
 from ffchat.profiles import GpuIdentity
 from ffchat.shapes import shape_config
 from ffchat.tune import ProblemResult, candidates
-from ffchat.tuning_cache import GemvProblem, decode_problems, load_tuning, save_tuning, tuning_path
+from ffchat.tuning_cache import (
+    GemvProblem, MegakernelTuning, decode_problems, describe_megakernel, load_tuning, save_tuning, tuning_path,
+)
 
 GPU = GpuIdentity("NVIDIA H200", (9, 0), 132, "580.159.04", "13.0", "3.6.0")
 CPU = torch.device("cpu")
@@ -54,28 +58,46 @@ def result(problem, block_n):
     return ProblemResult(problem, GemvConfig(block_n=block_n, block_k=1024, num_warps=4), 2.0, 2.5, 0)
 
 
+LLAMA_1B = shape_config("llama-3.2-1b")
+MEGAKERNEL = MegakernelTuning({"programs": 264, "num_warps": 4, "tiles": {}}, 480.0, 500.0, 512, 0)
+
+
 def test_a_saved_tuning_is_found_again_and_only_for_its_gpu_and_shape():
-    problems = decode_problems(shape_config("llama-3.2-1b"), 128)
-    path = tuning_path(GPU, problems)
-    save_tuning(path, GPU, [result(p, 8) for p in problems], 12.5)
+    problems = decode_problems(LLAMA_1B, 128)
+    path = tuning_path(GPU, LLAMA_1B, 128)
+    save_tuning(path, GPU, [result(p, 8) for p in problems], 12.5, MEGAKERNEL)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
-    loaded = load_tuning(GPU, problems)
-    assert set(loaded) == {p.role for p in problems}
-    assert GemvConfig(**loaded["down"]) == GemvConfig(block_n=8, block_k=1024, num_warps=4)
+    loaded = load_tuning(GPU, LLAMA_1B, 128)
+    assert set(loaded.gemv) == {p.role for p in problems}
+    assert GemvConfig(**loaded.gemv["down"]) == GemvConfig(block_n=8, block_k=1024, num_warps=4)
+    assert loaded.megakernel == MEGAKERNEL and loaded.megakernel.faster
     other_driver = GpuIdentity(*{**GPU.__dict__, "driver": "590.1"}.values())
-    assert load_tuning(other_driver, problems) is None
-    assert load_tuning(GPU, decode_problems(shape_config("llama-3.2-1b"), 64)) is None
-    assert load_tuning(GPU, decode_problems(shape_config("qwen2.5-0.5b"), 128)) is None
+    assert load_tuning(other_driver, LLAMA_1B, 128) is None
+    assert load_tuning(GPU, LLAMA_1B, 64) is None
+    assert load_tuning(GPU, shape_config("qwen2.5-0.5b"), 128) is None
+    fewer_layers = dataclasses.replace(LLAMA_1B, num_layers=LLAMA_1B.num_layers - 1)  # same GEMVs, other schedule
+    assert load_tuning(GPU, fewer_layers, 128) is None
+
+
+def test_a_tuning_without_the_megakernel_says_so():
+    save_tuning(tuning_path(GPU, LLAMA_1B, 128), GPU, [result(p, 8) for p in decode_problems(LLAMA_1B, 128)], 1.0)
+    assert load_tuning(GPU, LLAMA_1B, 128).megakernel is None
+    assert describe_megakernel(None) == "whole-model kernel not tuned"
+    assert describe_megakernel(MEGAKERNEL).startswith("auto runs the megakernel (megakernel 480 us, triton 500 us")
+    slower = dataclasses.replace(MEGAKERNEL, us=600.0)
+    assert not slower.faster and describe_megakernel(slower).startswith("auto runs the triton backend")
+    failed = MegakernelTuning({}, math.inf, 500.0, 512, 2)
+    assert not failed.faster and "no megakernel configuration passed" in describe_megakernel(failed)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "format"])
 def test_a_damaged_tuning_file_is_ignored(damage):
-    problems = decode_problems(shape_config("llama-3.2-1b"), 128)
-    path = tuning_path(GPU, problems)
+    problems = decode_problems(LLAMA_1B, 128)
+    path = tuning_path(GPU, LLAMA_1B, 128)
     save_tuning(path, GPU, [result(p, 16) for p in problems], 3.0)
     text = path.read_text()
     path.write_text(text[: len(text) // 2] if damage == "truncate" else json.dumps({**json.loads(text), "format": 99}))
-    assert load_tuning(GPU, problems) is None
+    assert load_tuning(GPU, LLAMA_1B, 128) is None
 
 
 def test_status_without_a_gpu():
