@@ -49,6 +49,7 @@ from ffchat.kernels.rope_kv import norm_rope_rows, rope_kv_append_reference
 
 LOG2E = 1.4426950408889634
 MIN_HEAD_ROWS = 16  # tl.dot needs at least 16 rows: a GQA group is padded up to it
+COMBINE_VALUES = 8192  # partial outputs one combine step holds: 64 fp32 registers a thread in 4 warps
 
 
 @dataclass(frozen=True)
@@ -168,10 +169,11 @@ def attention_share(
     HQ: tl.constexpr, HKV: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_Q_NORM: tl.constexpr,
     HAS_K_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
-    COMBINE: tl.constexpr,
+    COMBINE: tl.constexpr, COMBINE_ROWS: tl.constexpr,
 ):
     """Share ``split`` of KV head ``kv`` once qkv is written: its partial; with COMBINE, if it is the head's last
-    share to finish, also the group's output (the whole-model kernel; standalone, ``_reduce_kernel`` does that)."""
+    share to finish, also the group's output (the whole-model kernel; standalone, ``_reduce_kernel`` does that),
+    its GROUP heads padded to COMBINE_ROWS (a power of two)."""
     GROUP: tl.constexpr = HQ // HKV
     pos = length - 1
     start = lo + split * share
@@ -226,43 +228,50 @@ def attention_share(
             arrived = tl.atomic_add(arrivals_ptr + kv, 1, sem="acq_rel")
             active = tl.cdiv(length - lo, share)  # shares that attend keys: all of them arrive here
             if arrived == active - 1:  # the last share of this KV head: combine the group's shares
-                for r in tl.static_range(GROUP):
-                    _combine_head(m_ptr, l_ptr, acc_ptr, kv * GROUP + r, active, out_ptr, stride_oh, D, SPLITS,
-                                  BLOCK_S)
+                _combine_heads(m_ptr, l_ptr, acc_ptr, kv * GROUP, GROUP, active, out_ptr, stride_oh, D, SPLITS,
+                               BLOCK_S, COMBINE_ROWS)
                 tl.atomic_xchg(arrivals_ptr + kv, 0)  # ready for the next step
 
 
-def combine_block(splits: int) -> int:
-    """Shares the combine reads per step (at most 32, as measured for the reduce launch)."""
-    return min(triton.next_power_of_2(splits), 32)
+def combine_block(splits: int, heads: int = 1, head_dim: int = 1) -> int:
+    """Shares the combine reads per step: at most 32 (as measured for the reduce launch), fewer where ``heads``
+    heads of ``head_dim`` at once would hold more than COMBINE_VALUES partial outputs in registers."""
+    return max(1, min(triton.next_power_of_2(splits), 32, COMBINE_VALUES // (triton.next_power_of_2(heads) * head_dim)))
 
 
 @triton.jit
-def _combine_head(m_ptr, l_ptr, acc_ptr, head, active, out_ptr, stride_oh,
-                  D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out[head] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the ``active`` shares, BLOCK_S at a time."""
+def _combine_heads(m_ptr, l_ptr, acc_ptr, first_head, heads, active, out_ptr, stride_oh,
+                   D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, ROWS: tl.constexpr):
+    """out[h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s over the ``active`` shares, for the ``heads``
+    heads from ``first_head`` (ROWS >= heads, a power of two) at once, BLOCK_S shares a step.
+
+    All heads in one pass, so the whole-model kernel's last share of a KV head waits for one round of
+    loads, not one per query head of its group.
+    """
     offs_d = tl.arange(0, D)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < heads
+    head = first_head + rows
     SPLIT_BLOCKS: tl.constexpr = (SPLITS + BLOCK_S - 1) // BLOCK_S
-    big_m = tl.max(tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32), axis=0)
-    total = tl.sum(tl.zeros((BLOCK_S,), dtype=tl.float32), axis=0)
-    acc = tl.zeros((D,), dtype=tl.float32)
+    big_m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
+    total = tl.zeros((ROWS,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, D), dtype=tl.float32)
     for b in range(SPLIT_BLOCKS):  # constexpr trip count; shares >= active are masked
         s = b * BLOCK_S + tl.arange(0, BLOCK_S)
-        ok = s < active
-        slot = head * SPLITS + s
+        ok = row_ok[:, None] & (s[None, :] < active)
+        slot = head[:, None] * SPLITS + s[None, :]
         m = tl.load(m_ptr + slot, mask=ok, other=float("-inf"))
-        new_m = tl.maximum(big_m, tl.max(m, axis=0))
-        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)  # only when nothing is attended (length 0)
+        new_m = tl.maximum(big_m, tl.max(m, axis=1))
+        safe_m = tl.where(new_m == float("-inf"), 0.0, new_m)  # padded rows, or nothing attended (length 0)
         alpha = tl.exp2(big_m - safe_m)
-        w = tl.exp2(m - safe_m)
-        parts = tl.load(acc_ptr + slot[:, None] * D + offs_d[None, :], mask=ok[:, None], other=0.0)
-        total = total * alpha + tl.sum(w * tl.load(l_ptr + slot, mask=ok, other=0.0), axis=0)
-        acc = acc * alpha + tl.sum(w[:, None] * parts, axis=0)
+        w = tl.exp2(m - safe_m[:, None])
+        parts = tl.load(acc_ptr + slot[:, :, None] * D + offs_d[None, None, :], mask=ok[:, :, None], other=0.0)
+        total = total * alpha + tl.sum(w * tl.load(l_ptr + slot, mask=ok, other=0.0), axis=1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * parts, axis=1)
         big_m = new_m
-    out = acc / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
-
-
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + head[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
 
 
 @triton.jit
@@ -283,7 +292,7 @@ def _partial_kernel(
     attention_share(kv, split, k0, v0, ok0, cos, sin, lo, length, share, qkv_ptr, q_norm_ptr, k_norm_ptr, k_ptr, v_ptr,
                     m_ptr, l_ptr, acc_ptr, len_ptr, acc_ptr, D, stride_kh, stride_kn, stride_vh, stride_vn,
                     qk_scale, eps, HQ, HKV, GROUP_ROWS, D, SPLITS, BLOCK_N, 1, HAS_Q_NORM,
-                    HAS_K_NORM, DOT_PRECISION, INTERPRET, DOT_FP32, False)
+                    HAS_K_NORM, DOT_PRECISION, INTERPRET, DOT_FP32, False, 1)
 
 
 @triton.jit
@@ -297,7 +306,7 @@ def _reduce_kernel(
     release_dependents(PDL)
     lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
     active = tl.cdiv(length - lo, tl.maximum(share, 1))
-    _combine_head(m_ptr, l_ptr, acc_ptr, tl.program_id(0), active, out_ptr, stride_oh, D, SPLITS, BLOCK_S)
+    _combine_heads(m_ptr, l_ptr, acc_ptr, tl.program_id(0), 1, active, out_ptr, stride_oh, D, SPLITS, BLOCK_S, 1)
 
 
 _INTERPRETED = interpreted(_partial_kernel)
@@ -404,7 +413,7 @@ def decode_attention(
     )
     _reduce_kernel[(hq,)](
         workspace.max_logit, workspace.sum_exp, workspace.acc, length, out, out.stride(0), s, window,
-        D=d, SPLITS=cfg.splits, BLOCK_N=cfg.block_n, BLOCK_S=combine_block(cfg.splits),
+        D=d, SPLITS=cfg.splits, BLOCK_N=cfg.block_n, BLOCK_S=combine_block(cfg.splits, 1, d),
         HAS_WINDOW=sliding_window is not None, num_warps=4, **launch_options(qkv.device),
     )
     return out

@@ -252,7 +252,7 @@ def _megakernel(
     DOWN_BIAS: tl.constexpr,
     HEAD_G: tl.constexpr, HEAD_BN: tl.constexpr, HEAD_BK: tl.constexpr, HEAD_PF: tl.constexpr,
     SPLITS: tl.constexpr, ATT_BLOCK_N: tl.constexpr, GROUP_ROWS: tl.constexpr,
-    BLOCK_S: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
+    BLOCK_S: tl.constexpr, COMBINE_ROWS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
 ):
     NQKV: tl.constexpr = (HQ + 2 * HKV) * D
@@ -283,7 +283,7 @@ def _megakernel(
                             k_norm_ptr + at * D, k_layer, v_layer, m_ptr, l_ptr, acc_ptr, arrivals_ptr, attn_ptr, D,
                             stride_kh, D, stride_kh, D, qk_scale, eps, HQ, HKV, GROUP_ROWS, D, SPLITS,
                             ATT_BLOCK_N, BLOCK_S, HAS_Q_NORM, HAS_K_NORM, DOT_PRECISION, INTERPRET, DOT_FP32,
-                            True)
+                            True, COMBINE_ROWS)
         if op == _O:
             _gemv_op(item, layer, attn_ptr, o_w, o_s, o_z, o_b, x0_ptr, x1_ptr, attn_norm_ptr, eps, high_mask,
                      low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
@@ -354,7 +354,8 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
         **tile("gate_up", "GU"), GU_BIAS=model.gate_up.bias is not None, **tile("down", "DOWN"),
         DOWN_BIAS=model.down.bias is not None, **tile("head", "HEAD"),
         SPLITS=cfg.attention_splits, ATT_BLOCK_N=cfg.attention_block,
-        GROUP_ROWS=max(MIN_HEAD_ROWS, triton.next_power_of_2(group)), BLOCK_S=combine_block(cfg.attention_splits),
+        GROUP_ROWS=max(MIN_HEAD_ROWS, triton.next_power_of_2(group)),
+        BLOCK_S=combine_block(cfg.attention_splits, group, d), COMBINE_ROWS=triton.next_power_of_2(group),
         HAS_WINDOW=model.sliding_window is not None, HAS_Q_NORM=model.q_norm is not None,
         HAS_K_NORM=model.k_norm is not None, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         INTERPRET=_INTERPRETED, DOT_FP32=_INTERPRETED and k_cache.dtype == torch.bfloat16,
