@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from ffchat.backend import check_room_for_token
 from ffchat.errors import FfchatError
 from ffchat.kernels.decode_attention import make_workspace
 from ffchat.kernels.int4_gemv import GemvConfig, pick_config
@@ -26,6 +27,7 @@ from ffchat.kernels.megakernel import (
     GEMV_ROLES, DecodeModel, MegakernelConfig, StackedLinear, megakernel_decode, prepare, sms,
 )
 from ffchat.kernels.schedule import stage_of_error
+from ffchat.kernels.trace import StageTime, stage_times
 from ffchat.shapes import BenchWeights, Int4Linear
 from ffchat.triton_backend import TritonBackend, TritonLayer
 
@@ -155,6 +157,20 @@ class MegakernelBackend(TritonBackend):
     def decode(self, token: int) -> Tensor:
         self._raise_on_error()
         return super().decode(token)
+
+    def trace_step(self, token: int) -> list[StageTime]:
+        """Decode ``token`` at the current position once more outside the graph, stamping every schedule entry
+        (``ffchat.kernels.trace``): a row per stage. The position does not advance; the logits are the step's."""
+        check_room_for_token(self)
+        self.step_ids.copy_(torch.tensor([token, self.position + 1], dtype=torch.int32))
+        self.state.start_trace()
+        try:
+            for _ in range(2):  # the first compiles the stamped kernel and warms the caches
+                self._decode_step()
+            self.check()
+            return stage_times(self.state.stages, self.state.schedule, self.state.trace)
+        finally:
+            self.state.trace = None
 
     def check(self) -> None:
         """Wait for the steps queued so far; raise if one had a dependency wait give up (its logits are garbage)."""

@@ -19,6 +19,9 @@ flag on running out; the last program to finish zeroes the counters for the next
 residual stream alternates between two buffers (attention and MLP halves), so no item reads
 a row another item of its own op rewrites.
 
+With ``MegakernelState.start_trace`` the launch also stamps every entry's start, end of wait and
+publish (``ffchat.kernels.trace``): where the step's time goes, which no profiler sees inside one launch.
+
 Inputs are the Triton backend's: the INT4 layout-v1 weights of each role stacked over layers
 ([L, N, K / 8] words, [L, N, K / G] scales and zeros; q/k/v and gate/up fused along the rows),
 its KV cache [L, Hkv, S, D], RoPE tables and attention workspace, and its step ids
@@ -44,6 +47,7 @@ from ffchat.kernels.int4_gemv import (
     int4_gemv_reference, tile_rows,
 )
 from ffchat.kernels.interpreter import interpreted
+from ffchat.kernels.trace import DONE, READY, STAMPS, STARTED, stamp, trace_buffer
 from ffchat.kernels.schedule import (
     FIELDS, OP_ATTENTION, OP_DOWN, OP_EMBED, OP_GATE_UP, OP_HEAD, OP_O, OP_QKV, Stage, build_schedule, decode_stages,
 )
@@ -52,6 +56,7 @@ GEMV_ROLES = ("qkv", "o", "gate_up", "down", "head")
 # The op codes as the kernel sees them (a jit function reads only constexpr globals).
 _EMBED, _QKV, _ATTENTION, _O, _GATE_UP, _DOWN, _HEAD = (tl.constexpr(op) for op in (
     OP_EMBED, OP_QKV, OP_ATTENTION, OP_O, OP_GATE_UP, OP_DOWN, OP_HEAD))
+_STAMPS, _STARTED, _READY, _DONE = (tl.constexpr(value) for value in (STAMPS, STARTED, READY, DONE))
 DEFAULT_SPIN_CAP = 1 << 22  # polls of one wait before it gives up: far beyond any real wait (~1 us per poll)
 
 
@@ -149,6 +154,11 @@ class MegakernelState:
     hidden: torch.Tensor  # [I]
     logits: torch.Tensor  # [V] in the activation dtype
     resident_checked: bool = False
+    trace: torch.Tensor | None = None  # stamps of every entry (``ffchat.kernels.trace``), or None: not traced
+
+    def start_trace(self) -> None:
+        """Have the next launches stamp every entry into a fresh ``trace`` (a kernel compiled with the stamps)."""
+        self.trace = trace_buffer(self.schedule)
 
 
 def _stage_items(model: DecodeModel, config: MegakernelConfig, splits: int) -> dict[int, int]:
@@ -204,7 +214,7 @@ def _entry(schedule_ptr, slot, FIELDS: tl.constexpr):
 
 @triton.jit
 def _gemv_op(
-    item, layer, x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, nw_ptr, eps, high_mask, low_mask, one,
+    entry_stamps, clock_ptr, TRACE: tl.constexpr, INTERPRET: tl.constexpr, item, layer, x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, nw_ptr, eps, high_mask, low_mask, one,
     counters_ptr, wait_index, wait_target, cap, error_ptr,
     N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr,
@@ -227,6 +237,7 @@ def _gemv_op(
     n, k = item * 0 + N, item * 0 + K  # as values, the way the GEMV pieces take them
     w, s, z = gemv_first_tile(item, 0, w_ptr, s_ptr, z_ptr, n, k, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, GATED)
     wait_count(counters_ptr, wait_index, wait_target, cap, error_ptr)
+    stamp(entry_stamps, _READY, clock_ptr, TRACE, INTERPRET)
     y = gemv_accumulate(item, 0, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, n, k, high_mask, low_mask, one, nw_ptr, eps,
                         CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, NORM, NORM_BLOCK, NORM_CHUNKS, GATED, PREFETCH)
     rows, row_ok = tile_rows(item, n, BLOCK_N, GATED)
@@ -235,7 +246,7 @@ def _gemv_op(
 
 @triton.jit
 def _megakernel(
-    schedule_ptr, counters_ptr, exits_ptr, error_ptr, step_ptr, cap,
+    trace_ptr, clock_ptr, schedule_ptr, counters_ptr, exits_ptr, error_ptr, step_ptr, cap,
     embed_ptr, x0_ptr, x1_ptr, qkv_ptr, attn_ptr, hidden_ptr, logits_ptr,
     attn_norm_ptr, mlp_norm_ptr, final_norm_ptr, q_norm_ptr, k_norm_ptr,
     qkv_w, qkv_s, qkv_z, qkv_b, o_w, o_s, o_z, o_b, gu_w, gu_s, gu_z, gu_b, down_w, down_s, down_z, down_b,
@@ -253,21 +264,24 @@ def _megakernel(
     HEAD_G: tl.constexpr, HEAD_BN: tl.constexpr, HEAD_BK: tl.constexpr, HEAD_PF: tl.constexpr,
     SPLITS: tl.constexpr, ATT_BLOCK_N: tl.constexpr, GROUP_ROWS: tl.constexpr,
     BLOCK_S: tl.constexpr, COMBINE_ROWS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr, TRACE: tl.constexpr,
 ):
     NQKV: tl.constexpr = (HQ + 2 * HKV) * D
     stride_kh = S * D  # the caches are contiguous [L, Hkv, S, D]
     base = schedule_ptr + tl.program_id(0) * ((SLOTS + 1) * FIELDS)
     op, layer, item, wait_index, wait_target, done_index, done_count = _entry(base, 0, FIELDS)
     for slot in range(SLOTS):
+        entry_stamps = trace_ptr + (tl.program_id(0) * SLOTS + slot) * _STAMPS
+        stamp(entry_stamps, _STARTED, clock_ptr, TRACE, INTERPRET)
         # The next entry is requested now, so its fields are in registers when this item is done.
         n_op, n_layer, n_item, n_wait_index, n_wait_target, n_done_index, n_done_count = _entry(base, slot + 1, FIELDS)
         if op == _EMBED:
+            stamp(entry_stamps, _READY, clock_ptr, TRACE, INTERPRET)  # it waits for nothing
             offs = item * EMBED_BLOCK + tl.arange(0, EMBED_BLOCK)
             token = tl.load(step_ptr).to(tl.int64)
             tl.store(x0_ptr + offs, tl.load(embed_ptr + token * H + offs, mask=offs < H), mask=offs < H)
         if op == _QKV:
-            _gemv_op(item, layer, x0_ptr, qkv_w, qkv_s, qkv_z, qkv_b, x0_ptr, qkv_ptr, attn_norm_ptr, eps, high_mask,
+            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET, item, layer, x0_ptr, qkv_w, qkv_s, qkv_z, qkv_b, x0_ptr, qkv_ptr, attn_norm_ptr, eps, high_mask,
                      low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
                      NQKV, H, QKV_G, QKV_BN, QKV_BK, QKV_PF, True, NORM_BLOCK, NORM_CHUNKS, False, QKV_BIAS, False)
         if op == _ATTENTION:
@@ -279,28 +293,30 @@ def _megakernel(
                 kv, split, step_ptr + 1, cos_ptr, sin_ptr, k_layer, v_layer, stride_kh, D, stride_kh, D, S,
                 table_len, window, D, SPLITS, ATT_BLOCK_N, HAS_WINDOW)
             wait_count(counters_ptr, wait_index, wait_target, cap, error_ptr)
+            stamp(entry_stamps, _READY, clock_ptr, TRACE, INTERPRET)
             attention_share(kv, split, k0, v0, ok0, cos, sin, lo, length, share, qkv_ptr, q_norm_ptr + at * D,
                             k_norm_ptr + at * D, k_layer, v_layer, m_ptr, l_ptr, acc_ptr, arrivals_ptr, attn_ptr, D,
                             stride_kh, D, stride_kh, D, qk_scale, eps, HQ, HKV, GROUP_ROWS, D, SPLITS,
                             ATT_BLOCK_N, BLOCK_S, HAS_Q_NORM, HAS_K_NORM, DOT_PRECISION, INTERPRET, DOT_FP32,
                             True, COMBINE_ROWS)
         if op == _O:
-            _gemv_op(item, layer, attn_ptr, o_w, o_s, o_z, o_b, x0_ptr, x1_ptr, attn_norm_ptr, eps, high_mask,
+            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET, item, layer, attn_ptr, o_w, o_s, o_z, o_b, x0_ptr, x1_ptr, attn_norm_ptr, eps, high_mask,
                      low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
                      H, HQ * D, O_G, O_BN, O_BK, O_PF, False, NORM_BLOCK, NORM_CHUNKS, False, O_BIAS, True)
         if op == _GATE_UP:
-            _gemv_op(item, layer, x1_ptr, gu_w, gu_s, gu_z, gu_b, x1_ptr, hidden_ptr, mlp_norm_ptr, eps, high_mask,
+            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET, item, layer, x1_ptr, gu_w, gu_s, gu_z, gu_b, x1_ptr, hidden_ptr, mlp_norm_ptr, eps, high_mask,
                      low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
                      I, H, GU_G, GU_BN, GU_BK, GU_PF, True, NORM_BLOCK, NORM_CHUNKS, True, GU_BIAS, False)
         if op == _DOWN:
-            _gemv_op(item, layer, hidden_ptr, down_w, down_s, down_z, down_b, x1_ptr, x0_ptr, mlp_norm_ptr, eps,
+            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET, item, layer, hidden_ptr, down_w, down_s, down_z, down_b, x1_ptr, x0_ptr, mlp_norm_ptr, eps,
                      high_mask, low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
                      H, I, DOWN_G, DOWN_BN, DOWN_BK, DOWN_PF, False, NORM_BLOCK, NORM_CHUNKS, False, DOWN_BIAS, True)
         if op == _HEAD:
-            _gemv_op(item, layer, x0_ptr, head_w, head_s, head_z, head_w, x0_ptr, logits_ptr, final_norm_ptr, eps,
+            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET, item, layer, x0_ptr, head_w, head_s, head_z, head_w, x0_ptr, logits_ptr, final_norm_ptr, eps,
                      high_mask, low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
                      V, H, HEAD_G, HEAD_BN, HEAD_BK, HEAD_PF, True, NORM_BLOCK, NORM_CHUNKS, False, False, False)
         add_count(counters_ptr, done_index, done_count)
+        stamp(entry_stamps, _DONE, clock_ptr, TRACE, INTERPRET)
         op, layer, item, wait_index, wait_target = n_op, n_layer, n_item, n_wait_index, n_wait_target
         done_index, done_count = n_done_index, n_done_count
     reset_when_last(counters_ptr, exits_ptr, NUM_COUNTERS, NUM_PROGRAMS)
@@ -337,8 +353,9 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
         return linear.qweight, linear.scales, linear.zeros
 
     dummy = model.final_norm
+    trace = state.trace if state.trace is not None else state.counters  # untraced: a pointer never written
     kernel = _megakernel[(cfg.programs,)](
-        state.schedule, state.counters, state.exits, state.error, step_ids, cfg.spin_cap,
+        trace, trace[-1:], state.schedule, state.counters, state.exits, state.error, step_ids, cfg.spin_cap,
         model.embed, *state.stream, state.qkv, state.attention, state.hidden, state.logits,
         model.attn_norm, model.mlp_norm, model.final_norm,
         model.q_norm if model.q_norm is not None else dummy, model.k_norm if model.k_norm is not None else dummy,
@@ -359,7 +376,7 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
         HAS_WINDOW=model.sliding_window is not None, HAS_Q_NORM=model.q_norm is not None,
         HAS_K_NORM=model.k_norm is not None, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         INTERPRET=_INTERPRETED, DOT_FP32=_INTERPRETED and k_cache.dtype == torch.bfloat16,
-        num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
+        TRACE=state.trace is not None, num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )
     if not state.resident_checked and not _INTERPRETED:
         most = resident_per_sm(kernel, cfg.num_warps, k_cache.device) * sms(k_cache.device)

@@ -24,6 +24,7 @@ from test_triton_backend import CONTEXT, assert_close, tiny_config  # noqa: E402
 from ffchat.errors import FfchatError  # noqa: E402
 from ffchat.kernels.megakernel import megakernel_reference  # noqa: E402
 from ffchat.kernels.decode_attention import pick_config as pick_attention_config  # noqa: E402
+from ffchat.kernels.trace import op_summary  # noqa: E402
 from ffchat.kernels.schedule import (  # noqa: E402
     FIELDS, OP_ATTENTION, OP_EMBED, OP_HEAD, OP_QKV, Stage, build_schedule, decode_stages,
 )
@@ -143,6 +144,31 @@ def test_a_config_survives_the_tuning_cache_round_trip():
     model = MegakernelBackend(weights_of("qwen2"), CONTEXT, dtype=torch.float16).model
     config = replace(default_config(model, torch.device("cpu")), attention_splits=4)
     assert config_from_fields(json.loads(json.dumps(asdict(config)))) == config
+
+
+# --- the trace -----------------------------------------------------------------------------------
+
+
+def test_a_traced_step_stamps_every_stage_in_order_and_computes_the_same_logits():
+    """One program in the interpreter: its stamps are a counter, so every stage starts, gets through its wait and
+    publishes after the one before it, and the ops' shares of the step add up to the whole step."""
+    backend = MegakernelBackend(weights_of("qwen3"), CONTEXT, dtype=torch.float16)
+    backend.prefill(prompt_of(11))
+    rows = backend.trace_step(6)
+    traced = backend.logits.clone()
+    assert backend.state.trace is None and backend.position == 11, "tracing leaves the backend as it was"
+    assert [row.stage for row in rows] == backend.state.stages
+    assert rows[0].started == 0
+    for before, row in zip(rows, rows[1:]):
+        assert before.last_done < row.first_ready, f"{row.stage.name} got through before its input was done"
+    for row in rows:
+        assert row.started <= row.first_ready < row.first_done <= row.last_done and row.last_ready < row.last_done
+    ops = op_summary(rows)
+    assert [op.op for op in ops] == ["embed", "qkv", "attention", "o", "gate_up", "down", "head"]
+    assert {op.op: op.stages for op in ops}["qkv"] == backend.config.num_layers
+    assert sum(op.critical for op in ops) == rows[-1].last_done
+    assert all(op.critical == op.release + op.work and op.work > 0 for op in ops)
+    assert torch.equal(backend.decode(6), traced), "the stamped kernel computes the step the graph does"
 
 
 # --- a broken schedule raises the flag, it does not hang ---------------------------------------------

@@ -73,6 +73,19 @@ def test_an_8k_context_is_correct():
     assert mega.position == 8003
 
 
+def test_a_traced_step_has_real_times_and_the_same_logits():
+    """On the GPU the stamps are %globaltimer nanoseconds: every stage after the one it waits for, a step of
+    plausible length, and the stamped kernel computes what the graph does."""
+    mega = MegakernelBackend(weights_of("qwen2.5-0.5b"), 256)
+    mega.prefill(list(range(100, 200)))
+    rows = mega.trace_step(7)
+    traced = mega.logits.clone()
+    for before, row in zip(rows, rows[1:]):
+        assert before.last_done <= row.first_ready + 1000, f"{row.stage.name} got through 1 us before its input"
+    assert 10_000 < rows[-1].last_done < 10_000_000, "a 0.5B step takes between 10 us and 10 ms"
+    assert rel_err(mega.decode(7), traced) < 1e-3
+
+
 def test_a_broken_schedule_raises_the_flag_and_returns():
     """A wait for one item more than exists: the kernel gives up after its cap, flags it, and the host says so."""
     weights = weights_of("llama-3.2-1b")
