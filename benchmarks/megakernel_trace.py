@@ -45,7 +45,7 @@ def main() -> None:
     print(f"{'op':>10} {'stages':>6} {'critical us':>12} {'release us':>11} {'work us':>9}")
     for op in op_summary(rows):
         print(f"{op.op:>10} {op.stages:>6} {op.critical / 1e3:12.1f} {op.release / 1e3:11.1f} {op.work / 1e3:9.1f}")
-    print(f"layer {args.layer}, us from the step's start: stage, items, first start, waiters through, done")
+    print(f"layer {args.layer}, us from the step's start: stage, items, first start, entries ready (first..last), done")
     for row in rows:
         if row.stage.layer == args.layer and row.stage.name.startswith("layer"):
             print(f"  {row.stage.name:>18} {row.stage.items:5d} {row.started / 1e3:8.2f} "

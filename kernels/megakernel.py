@@ -214,7 +214,8 @@ def _entry(schedule_ptr, slot, FIELDS: tl.constexpr):
 
 @triton.jit
 def _gemv_op(
-    entry_stamps, clock_ptr, TRACE: tl.constexpr, INTERPRET: tl.constexpr, item, layer, x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, nw_ptr, eps, high_mask, low_mask, one,
+    entry_stamps, clock_ptr, TRACE: tl.constexpr, INTERPRET: tl.constexpr,
+    item, layer, x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, nw_ptr, eps, high_mask, low_mask, one,
     counters_ptr, wait_index, wait_target, cap, error_ptr,
     N: tl.constexpr, K: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PREFETCH: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr,
@@ -263,7 +264,8 @@ def _megakernel(
     DOWN_BIAS: tl.constexpr,
     HEAD_G: tl.constexpr, HEAD_BN: tl.constexpr, HEAD_BK: tl.constexpr, HEAD_PF: tl.constexpr,
     SPLITS: tl.constexpr, ATT_BLOCK_N: tl.constexpr, GROUP_ROWS: tl.constexpr,
-    BLOCK_S: tl.constexpr, COMBINE_ROWS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
+    BLOCK_S: tl.constexpr, COMBINE_ROWS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_Q_NORM: tl.constexpr,
+    HAS_K_NORM: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr, TRACE: tl.constexpr,
 ):
     NQKV: tl.constexpr = (HQ + 2 * HKV) * D
@@ -281,7 +283,8 @@ def _megakernel(
             token = tl.load(step_ptr).to(tl.int64)
             tl.store(x0_ptr + offs, tl.load(embed_ptr + token * H + offs, mask=offs < H), mask=offs < H)
         if op == _QKV:
-            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET, item, layer, x0_ptr, qkv_w, qkv_s, qkv_z, qkv_b, x0_ptr, qkv_ptr, attn_norm_ptr, eps, high_mask,
+            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET,
+                     item, layer, x0_ptr, qkv_w, qkv_s, qkv_z, qkv_b, x0_ptr, qkv_ptr, attn_norm_ptr, eps, high_mask,
                      low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
                      NQKV, H, QKV_G, QKV_BN, QKV_BK, QKV_PF, True, NORM_BLOCK, NORM_CHUNKS, False, QKV_BIAS, False)
         if op == _ATTENTION:
@@ -300,19 +303,23 @@ def _megakernel(
                             ATT_BLOCK_N, BLOCK_S, HAS_Q_NORM, HAS_K_NORM, DOT_PRECISION, INTERPRET, DOT_FP32,
                             True, COMBINE_ROWS)
         if op == _O:
-            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET, item, layer, attn_ptr, o_w, o_s, o_z, o_b, x0_ptr, x1_ptr, attn_norm_ptr, eps, high_mask,
+            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET,
+                     item, layer, attn_ptr, o_w, o_s, o_z, o_b, x0_ptr, x1_ptr, attn_norm_ptr, eps, high_mask,
                      low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
                      H, HQ * D, O_G, O_BN, O_BK, O_PF, False, NORM_BLOCK, NORM_CHUNKS, False, O_BIAS, True)
         if op == _GATE_UP:
-            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET, item, layer, x1_ptr, gu_w, gu_s, gu_z, gu_b, x1_ptr, hidden_ptr, mlp_norm_ptr, eps, high_mask,
+            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET,
+                     item, layer, x1_ptr, gu_w, gu_s, gu_z, gu_b, x1_ptr, hidden_ptr, mlp_norm_ptr, eps, high_mask,
                      low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
                      I, H, GU_G, GU_BN, GU_BK, GU_PF, True, NORM_BLOCK, NORM_CHUNKS, True, GU_BIAS, False)
         if op == _DOWN:
-            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET, item, layer, hidden_ptr, down_w, down_s, down_z, down_b, x1_ptr, x0_ptr, mlp_norm_ptr, eps,
+            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET,
+                     item, layer, hidden_ptr, down_w, down_s, down_z, down_b, x1_ptr, x0_ptr, mlp_norm_ptr, eps,
                      high_mask, low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
                      H, I, DOWN_G, DOWN_BN, DOWN_BK, DOWN_PF, False, NORM_BLOCK, NORM_CHUNKS, False, DOWN_BIAS, True)
         if op == _HEAD:
-            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET, item, layer, x0_ptr, head_w, head_s, head_z, head_w, x0_ptr, logits_ptr, final_norm_ptr, eps,
+            _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET,
+                     item, layer, x0_ptr, head_w, head_s, head_z, head_w, x0_ptr, logits_ptr, final_norm_ptr, eps,
                      high_mask, low_mask, one, counters_ptr, wait_index, wait_target, cap, error_ptr,
                      V, H, HEAD_G, HEAD_BN, HEAD_BK, HEAD_PF, True, NORM_BLOCK, NORM_CHUNKS, False, False, False)
         add_count(counters_ptr, done_index, done_count)
@@ -376,7 +383,8 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
         HAS_WINDOW=model.sliding_window is not None, HAS_Q_NORM=model.q_norm is not None,
         HAS_K_NORM=model.k_norm is not None, DOT_PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         INTERPRET=_INTERPRETED, DOT_FP32=_INTERPRETED and k_cache.dtype == torch.bfloat16,
-        TRACE=state.trace is not None, num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
+        TRACE=state.trace is not None,
+        num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )
     if not state.resident_checked and not _INTERPRETED:
         most = resident_per_sm(kernel, cfg.num_warps, k_cache.device) * sms(k_cache.device)
