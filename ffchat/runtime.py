@@ -180,6 +180,7 @@ def load_backend(record: ModelRecord, choice: RuntimeChoice, *, int4: bool, noti
         if backend is None:
             backend = TritonBackend(weights, choice.context_length, dtype=choice.dtype,
                                     int8_activations=choice.backend == "triton-w4a8")
+        backend.warm_up()  # while loading, not inside the first answer
         return backend, f"int4 {weights.quantizer} g{weights.group_size}"
     from ffchat.model import Transformer
     from ffchat.reference_backend import ReferenceBackend

@@ -191,6 +191,16 @@ class TritonBackend:
         self.position += 1
         return self.logits.clone()  # samplers may edit logits in place; the graph owns self.logits
 
+    def warm_up(self) -> None:
+        """Compile and capture the decode step now, so the first answer's tokens do not wait for it (about a
+        second on a GPU, once). The step it runs decodes token 0 into the next free slot of the cache, which the
+        next prefill or decode overwrites; the position does not move. Nothing to do without a graph or once
+        captured."""
+        if self.use_graph and self.graph is None:
+            check_room_for_token(self)
+            self.step_ids.copy_(torch.tensor([0, self.position + 1], dtype=torch.int32))
+            self._capture()
+
     def rewind(self, position: int) -> None:
         check_rewind(self, position)
         self.position = position  # later tokens are overwritten before they are read again

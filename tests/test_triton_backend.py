@@ -92,6 +92,29 @@ def test_a_prompt_after_a_rewind_continues_from_the_cache():
     assert_close(triton.decode(9), reference.decode(9))
 
 
+def test_warming_up_changes_no_answer(monkeypatch):
+    """warm_up runs one step into the cache's next free slot; the answers after it, at the start or after a prompt,
+    are exactly those of a backend that never warmed up. On the CPU there is no graph, so the step it would
+    capture runs as it is."""
+    weights = random_weights(tiny_config("llama"), label="llama", int4=True, seed=5, group_size=32, device="cpu")
+    cold, warm = (TritonBackend(weights, CONTEXT, dtype=torch.float16) for _ in range(2))
+    warmed_at = []
+
+    def capture() -> None:
+        warmed_at.append(int(warm.step_ids[1]) - 1)
+        warm._decode_step()
+
+    monkeypatch.setattr(warm, "use_graph", True)
+    monkeypatch.setattr(warm, "_capture", capture)
+    warm.warm_up()
+    assert warmed_at == [0] and warm.position == 0
+    assert torch.equal(warm.prefill([4, 8, 15, 16]), cold.prefill([4, 8, 15, 16]))
+    warm.warm_up()
+    assert warmed_at == [0, 4] and warm.position == 4
+    for token in (23, 42):
+        assert torch.equal(warm.decode(token), cold.decode(token))
+
+
 def test_the_context_is_enforced():
     _, triton = backends("qwen2")
     with pytest.raises(FfchatError, match="does not fit"):

@@ -82,3 +82,15 @@ def test_an_8k_context_is_correct():
     for token in (11, 12, 13):
         assert rel_err(triton.decode(token), reference.decode(token)) < 3e-2
     assert triton.position == 8003
+
+
+def test_warm_up_captures_the_step_before_the_first_answer_and_changes_nothing():
+    weights = random_weights(shape_config("qwen2.5-0.5b"), label="qwen2.5-0.5b", int4=True, seed=0)
+    cold, warm = TritonBackend(weights, 256), TritonBackend(weights, 256)
+    warm.warm_up()
+    assert warm.captures == 1 and warm.position == 0
+    prompt = list(range(300, 340))
+    assert torch.equal(warm.prefill(prompt), cold.prefill(prompt))
+    for token in (5, 17, 4242):
+        assert rel_err(warm.decode(token), cold.decode(token)) < 1e-3
+    assert warm.captures == 1 and cold.captures == 1
