@@ -236,7 +236,8 @@ def attention_share(
 def combine_block(splits: int, heads: int = 1, head_dim: int = 1) -> int:
     """Shares the combine reads per step: at most 32 (as measured for the reduce launch), fewer where ``heads``
     heads of ``head_dim`` at once would hold more than COMBINE_VALUES partial outputs in registers."""
-    return max(1, min(triton.next_power_of_2(splits), 32, COMBINE_VALUES // (triton.next_power_of_2(heads) * head_dim)))
+    most = COMBINE_VALUES // (triton.next_power_of_2(heads) * head_dim)
+    return max(1, min(triton.next_power_of_2(splits), 32, most))
 
 
 @triton.jit

@@ -20,7 +20,7 @@ residual stream alternates between two buffers (attention and MLP halves), so no
 a row another item of its own op rewrites.
 
 With ``MegakernelState.start_trace`` the launch also stamps every entry's start, end of wait and
-publish (``ffchat.kernels.trace``): where the step's time goes, which no profiler sees inside one launch.
+end (``ffchat.kernels.trace``): where the step's time goes, which no profiler sees inside one launch.
 
 Inputs are the Triton backend's: the INT4 layout-v1 weights of each role stacked over layers
 ([L, N, K / 8] words, [L, N, K / G] scales and zeros; q/k/v and gate/up fused along the rows),
@@ -47,10 +47,10 @@ from ffchat.kernels.int4_gemv import (
     int4_gemv_reference, tile_rows,
 )
 from ffchat.kernels.interpreter import interpreted
-from ffchat.kernels.trace import DONE, READY, STAMPS, STARTED, stamp, trace_buffer
 from ffchat.kernels.schedule import (
     FIELDS, OP_ATTENTION, OP_DOWN, OP_EMBED, OP_GATE_UP, OP_HEAD, OP_O, OP_QKV, Stage, build_schedule, decode_stages,
 )
+from ffchat.kernels.trace import DONE, READY, STAMPS, STARTED, stamp, trace_buffer
 
 GEMV_ROLES = ("qkv", "o", "gate_up", "down", "head")
 # The op codes as the kernel sees them (a jit function reads only constexpr globals).
