@@ -19,7 +19,6 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from ffchat.backend import check_room_for_token
 from ffchat.errors import FfchatError
 from ffchat.kernels.decode_attention import make_workspace
 from ffchat.kernels.int4_gemv import GemvConfig, pick_config
@@ -122,7 +121,7 @@ class MegakernelBackend(TritonBackend):
 
         Raises FfchatError if the grid cannot be resident, a wait gave up, or the logits disagree.
         """
-        self.step_ids.copy_(torch.tensor([0, 1], dtype=torch.int32))  # token 0 at position 0
+        self._set_step(0)  # token 0 at position 0
         TritonBackend._decode_step(self)
         want = self.logits.clone()
         try:
@@ -161,8 +160,7 @@ class MegakernelBackend(TritonBackend):
     def trace_step(self, token: int) -> list[StageTime]:
         """Decode ``token`` at the current position once more outside the graph, stamping every schedule entry
         (``ffchat.kernels.trace``): a row per stage. The position does not advance; the logits are the step's."""
-        check_room_for_token(self)
-        self.step_ids.copy_(torch.tensor([token, self.position + 1], dtype=torch.int32))
+        self._set_step(token)
         self.state.start_trace()
         try:
             for _ in range(2):  # the first compiles the stamped kernel and warms the caches

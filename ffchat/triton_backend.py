@@ -177,11 +177,7 @@ class TritonBackend:
         return self.logits.clone()
 
     def decode(self, token: int) -> Tensor:
-        check_room_for_token(self)
-        # From pinned memory without blocking: the host queues the replay while the GPU still runs the last step
-        # (torch keeps the pinned block until the copy has run).
-        ids = torch.tensor([token, self.position + 1], dtype=torch.int32, pin_memory=self.device.type == "cuda")
-        self.step_ids.copy_(ids, non_blocking=True)
+        self._set_step(token)
         if not self.use_graph:
             self._decode_step()
         elif self.graph is None:
@@ -192,14 +188,23 @@ class TritonBackend:
         return self.logits.clone()  # samplers may edit logits in place; the graph owns self.logits
 
     def warm_up(self) -> None:
-        """Compile and capture the decode step now, so the first answer's tokens do not wait for it (about a
-        second on a GPU, once). The step it runs decodes token 0 into the next free slot of the cache, which the
-        next prefill or decode overwrites; the position does not move. Nothing to do without a graph or once
-        captured."""
+        """Compile and capture the decode step now, so the first answer's tokens do not wait for it (seconds
+        where Triton must compile, tens of ms otherwise; once). The step it runs decodes token 0 into the next
+        free slot of the cache, which the next prefill or decode overwrites; the position does not move. Nothing
+        to do without a graph or once captured."""
         if self.use_graph and self.graph is None:
-            check_room_for_token(self)
-            self.step_ids.copy_(torch.tensor([0, self.position + 1], dtype=torch.int32))
+            self._set_step(0)
             self._capture()
+
+    def _set_step(self, token: int) -> None:
+        """Queue ``step_ids`` = (token, length with it) for a step at the current position, which does not move.
+
+        From pinned memory without blocking: the host queues the replay while the GPU still runs the last step
+        (torch keeps the pinned block until the copy has run).
+        """
+        check_room_for_token(self)
+        ids = torch.tensor([token, self.position + 1], dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self.step_ids.copy_(ids, non_blocking=True)
 
     def rewind(self, position: int) -> None:
         check_rewind(self, position)

@@ -78,7 +78,7 @@ def stage_times(stages: list[Stage], schedule: torch.Tensor, trace: torch.Tensor
     origin = int(stamps[real][:, STARTED].min())
     rows = []
     for index, stage in enumerate(stages):
-        mine = stamps[real & (entries[:, :, 5] == index)] - origin
+        mine = stamps[real & (entries[:, :, 5] == index)] - origin  # field 5: the counter (= index) it adds to
         if not len(mine):
             raise ValueError(f"the schedule has no entry of stage {index} ({stage.name})")
         rows.append(StageTime(stage, int(mine[:, STARTED].min()), int(mine[:, READY].min()),
