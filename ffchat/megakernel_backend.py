@@ -23,7 +23,7 @@ from ffchat.errors import FfchatError
 from ffchat.kernels.decode_attention import make_workspace
 from ffchat.kernels.int4_gemv import GemvConfig, pick_config
 from ffchat.kernels.megakernel import (
-    GEMV_ROLES, DecodeModel, MegakernelConfig, StackedLinear, megakernel_decode, prepare, sms,
+    GEMV_ROLES, DecodeModel, MegakernelConfig, StackedLinear, compile_megakernel, megakernel_decode, prepare, sms,
 )
 from ffchat.kernels.schedule import stage_of_error
 from ffchat.kernels.trace import StageTime, stage_times
@@ -38,9 +38,8 @@ PROGRAMS_PER_SM = 2
 MOST_ATTENTION_SPLITS = 32
 
 
-def default_config(model: DecodeModel, device: torch.device,
-                   start_tiles: dict[str, GemvConfig] | None = None) -> MegakernelConfig:
-    """Two programs of 4 warps per SM (one in the interpreter), the GPU profile's W4A16 tiles (or ``start_tiles``)
+def default_config(model: DecodeModel, device: torch.device) -> MegakernelConfig:
+    """Two programs of 4 warps per SM (one in the interpreter), the GPU profile's W4A16 tiles
     without split-K or register cap, each requesting its next tile before computing the current one;
     attention in about one share per program (a power of two from 2 to 32 per KV head) of 64-key blocks.
 
@@ -53,11 +52,16 @@ def default_config(model: DecodeModel, device: torch.device,
     tiles = {}
     for role in GEMV_ROLES:
         linear: StackedLinear = getattr(model, role)
-        tile = start_tiles[role] if start_tiles else pick_config(linear.rows, linear.inputs, linear.group_size,
-                                                                 gated=role == "gate_up", device=device)
-        tiles[role] = replace(tile, split_k=1, max_registers=None, prefetch=True)
+        tiles[role] = megakernel_tile(pick_config(linear.rows, linear.inputs, linear.group_size,
+                                                  gated=role == "gate_up", device=device))
     return MegakernelConfig(programs=programs, num_warps=4, tiles=tiles,
                             attention_splits=attention_splits(programs, model.num_kv_heads))
+
+
+def megakernel_tile(tile: GemvConfig) -> GemvConfig:
+    """A GEMV tile as the megakernel runs it: one K slice, no register cap of its own (the kernel's applies), the
+    next tile requested before the current one is computed."""
+    return replace(tile, split_k=1, max_registers=None, prefetch=True)
 
 
 def config_from_fields(fields: dict) -> MegakernelConfig:
@@ -93,18 +97,16 @@ class MegakernelBackend(TritonBackend):
 
     def __init__(self, weights: BenchWeights, context_length: int, *, dtype: torch.dtype = torch.bfloat16,
                  use_graph: bool | None = None, config: MegakernelConfig | None = None,
-                 schedule: Tensor | None = None, start_tiles: dict[str, GemvConfig] | None = None):
-        """``config`` and ``schedule`` override the tuned or default ones (tuning and tests); ``start_tiles``
-        (tuning) replaces the profile's GEMV tiles in the default config."""
+                 schedule: Tensor | None = None):
+        """``config`` and ``schedule`` override the tuned or default ones (tuning and tests)."""
         super().__init__(weights, context_length, dtype=dtype, name="megakernel", use_graph=use_graph)
         if not isinstance(self.head, Int4Linear):
             raise FfchatError("the megakernel needs an INT4 LM head and this model keeps it in 16 bits",
                               hint="use --backend triton")
         self.model = self._stack_model()
         cached = self.cached_tuning.megakernel if self.cached_tuning else None
-        tuned = config_from_fields(cached.config) if cached and cached.config and not (config or start_tiles) \
-            else None
-        self.kernel_config = config or tuned or default_config(self.model, self.device, start_tiles)
+        tuned = config_from_fields(cached.config) if cached and cached.config and not config else None
+        self.kernel_config = config or tuned or default_config(self.model, self.device)
         self.attention_workspace = make_workspace(
             self.config.num_heads, self.config.head_dim, context_length, self.kernel_config.attention_config(),
             num_kv_heads=self.config.num_kv_heads, device=self.device)
@@ -152,6 +154,14 @@ class MegakernelBackend(TritonBackend):
             num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
             eps=config.rms_norm_eps, sliding_window=config.sliding_window,
         )
+
+    def compile_config(self, config: MegakernelConfig) -> None:
+        """Compile the kernel of ``config`` for this backend's shape and tensors, without running it (tuning)."""
+        workspace = make_workspace(self.config.num_heads, self.config.head_dim, self.context_length,
+                                   config.attention_config(), num_kv_heads=self.config.num_kv_heads,
+                                   device=self.device)
+        compile_megakernel(self.model, self.k_cache, self.v_cache, self.rope_cos, self.rope_sin, self.step_ids,
+                           workspace, prepare(self.model, config, workspace))
 
     def decode(self, token: int) -> Tensor:
         self._raise_on_error()

@@ -10,11 +10,12 @@ cost inside the captured step (PDL overlaps neighbours): on an H200 the 1B winne
 0-2% faster alone, made the step 4% faster; another set, with one GEMV 7% faster alone,
 changed it by nothing (BENCHMARKS.md, 2026-12-02).
 Then the whole-model kernel (``ffchat.megakernel_backend``): its default configuration and
-one built on the tuned tiles, each compiled, checked against the Triton backend by the
-backend's own start-up check, and timed over a decode step at ``TUNE_CONTEXT`` cached tokens,
-as is the Triton backend's step in the same process. Only a few candidates: each is a
-compile of the whole kernel (~10 s on an H200's host), and the first `ffchat run` on a GPU
-tunes while the user waits (a 1B model under a minute).
+every combination of tiles (the profile's, the tuned ones), grid and warps, and attention
+blocks and shares (``megakernel_candidates``), each checked against the Triton backend by the
+backend's own start-up check and timed over decode steps at each of ``TUNE_CONTEXTS`` cached tokens,
+as is the Triton backend's step in the same process. The first `ffchat run` on a GPU tunes
+while the user waits, so every candidate of a phase (a whole-kernel compile is ~6 s of an
+H200 host's CPU) is compiled first, on threads at once.
 The winners go to ``ffchat.tuning_cache``; the backends read them at start-up, ``auto``
 runs the megakernel where it measured faster, and `ffchat show` says what a model uses here.
 """
@@ -23,8 +24,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,14 +37,24 @@ import torch
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_reference, pick_config
+from ffchat.kernels.megakernel import MegakernelConfig, sms
+from ffchat.megakernel_backend import attention_splits, megakernel_tile
 from ffchat.profiles import GpuIdentity
 from ffchat.tuning_cache import GemvProblem, MegakernelTuning, decode_problems, save_tuning, tuning_path
 
 MAX_REL_ERR = 1e-3  # a correct candidate measures ~3e-5 against the fp32 reference
 ROTATED_BYTES = 4  # rotate weights through this many times the L2 size, so L2 cannot serve a repeat
-TUNE_CONTEXT = 512  # cached tokens while whole decode steps are timed
+# Cached tokens while whole decode steps are timed: a candidate's time is the mean of its step at each, so a
+# config fast only at short contexts cannot win (attention blocks of 32 keys: -1% at 512, +6% at 4096 on an H200).
+TUNE_CONTEXTS = (512, 4096)
 STEP_REPEATS = 50  # timed decode steps per backend (after 5 warm-up steps)
-MEGAKERNEL_STEPS = 3  # progress steps of the megakernel phase: the Triton step, then two candidates
+# The megakernel's searched grids, (programs per SM, warps per program), and keys per attention block: on an H200
+# 2 x 4 warps beat 1 x 8 warps (929 us) and 3 x 4 under a register cap (659 us) by 35% and 15% (BENCHMARKS.md).
+MEGAKERNEL_GRIDS = ((2, 4), (3, 4), (1, 8))
+MEGAKERNEL_ATTENTION_BLOCKS = (64, 32)
+MEGAKERNEL_CANDIDATES = 1 + 2 * len(MEGAKERNEL_GRIDS) * len(MEGAKERNEL_ATTENTION_BLOCKS) * 2  # at most
+MEGAKERNEL_STEPS = 1 + MEGAKERNEL_CANDIDATES  # progress steps of the megakernel phase: the Triton step, candidates
+COMPILE_THREADS = min(16, os.cpu_count() or 1)
 
 
 def candidates(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
@@ -134,9 +147,16 @@ def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Calla
     sets, x, extra = _random_problem(problem, copies, device, seed=problem.n * 31 + problem.k)
     want = int4_gemv_reference(x, *sets[0], problem.group_size, **extra).float()
     timed, rejected = [], 0
-    for index, cfg in enumerate(candidates(problem, device)):
+    found = candidates(problem, device)
+
+    def first_launch(cfg: GemvConfig):
+        return int4_gemv(x, *sets[0], problem.group_size, config=cfg, **extra)
+
+    compile_all([lambda: first_launch(found[0])])  # alone first: Triton sets up its caches for the kernel once
+    compile_all([lambda cfg=cfg: first_launch(cfg) for cfg in found[1:]])
+    for index, cfg in enumerate(found):
         try:
-            got = int4_gemv(x, *sets[0], problem.group_size, config=cfg, **extra).float()
+            got = first_launch(cfg).float()
             error = ((got - want).norm() / want.norm()).item()
             if not error < MAX_REL_ERR:
                 rejected += 1
@@ -155,45 +175,96 @@ def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Calla
 
 
 def step_us(backend, tokens: list[int]) -> float:
-    """Median us of a decode step with ``TUNE_CONTEXT`` tokens cached (``ffchat bench``'s timing)."""
+    """Mean over ``TUNE_CONTEXTS`` of the median us of a decode step with that many tokens cached (``ffchat
+    bench``'s timing)."""
     from ffchat.bench import time_decode
 
-    return statistics.median(time_decode(backend, TUNE_CONTEXT, tokens, STEP_REPEATS, warmup=5)) * 1e3
+    return statistics.mean(statistics.median(time_decode(backend, context, tokens, STEP_REPEATS, warmup=5)) * 1e3
+                           for context in TUNE_CONTEXTS)
+
+
+def megakernel_candidates(default: MegakernelConfig, tuned_tiles: dict[str, GemvConfig], sm_count: int,
+                          registers_per_sm: int, num_kv_heads: int) -> list[MegakernelConfig]:
+    """The default config first, then every combination of the searched axes, duplicates dropped:
+
+    * tiles: the profile's (the default's) or ``tuned_tiles`` as the megakernel runs them;
+    * grid and warps (``MEGAKERNEL_GRIDS``): programs per SM, warps per program, and the register cap that lets
+      them all be resident (registers per SM over their threads, a multiple of 8);
+    * attention: keys per block (``MEGAKERNEL_ATTENTION_BLOCKS``), and shares per KV head about one per program
+      or half that.
+    """
+    tile_sets = [default.tiles, {role: megakernel_tile(tile) for role, tile in tuned_tiles.items()}]
+    found = [default]
+    for tiles in tile_sets:
+        for per_sm, warps in MEGAKERNEL_GRIDS:
+            programs = per_sm * sm_count
+            cap = registers_per_sm // (per_sm * warps * 32)
+            splits = attention_splits(programs, num_kv_heads)
+            for block in MEGAKERNEL_ATTENTION_BLOCKS:
+                for shares in dict.fromkeys((splits, max(2, splits // 2))):
+                    found.append(dataclasses.replace(default, programs=programs, num_warps=warps, tiles=tiles,
+                                                     max_registers=None if cap >= 255 else cap // 8 * 8,
+                                                     attention_splits=shares, attention_block=block))
+    unique: list[MegakernelConfig] = []  # configs hold dicts: compared, not hashed
+    for cfg in found:
+        if cfg not in unique:
+            unique.append(cfg)
+    return unique
+
+
+def compile_all(calls: list[Callable[[], object]]) -> None:
+    """Run ``calls`` (each a compile, or a first launch that compiles) on ``COMPILE_THREADS`` threads at once:
+    Triton's compiler releases the GIL. A call that fails is left for the caller's own first use to report."""
+    with ThreadPoolExecutor(max_workers=COMPILE_THREADS) as pool:
+        for future in [pool.submit(call) for call in calls]:
+            future.exception()
 
 
 def tune_megakernel(config: ModelConfig, group_size: int, device: torch.device, tuned: dict[str, GemvConfig],
                     on_candidate: Callable[[], None] = lambda: None) -> MegakernelTuning:
-    """Time the Triton backend's step, then the megakernel's with the profile's tiles and with the tuned ones
-    (as the megakernel runs tiles: one K slice, no register cap of their own, the next tile requested early),
-    each that compiles, fits the GPU and passes its start-up check against the Triton backend; the fastest.
+    """Time the Triton backend's step, then the megakernel's in every configuration of ``megakernel_candidates``
+    that compiles, fits the GPU and passes its start-up check against the Triton backend; the fastest.
 
-    Random weights of the shape; every backend is freed before the next is built.
+    All candidates are compiled first, in parallel; random weights of the shape; every backend is freed before the
+    next is built.
     """
     from ffchat.megakernel_backend import MegakernelBackend
     from ffchat.shapes import random_weights
     from ffchat.triton_backend import TritonBackend
 
     weights = random_weights(config, label="tune", int4=True, group_size=group_size, device=device)
-    tokens = torch.randint(0, config.vocab_size, (TUNE_CONTEXT + STEP_REPEATS,),
+    tokens = torch.randint(0, config.vocab_size, (max(TUNE_CONTEXTS) + STEP_REPEATS,),
                            generator=torch.Generator().manual_seed(0)).tolist()
-    context = TUNE_CONTEXT + 1
+    context = max(TUNE_CONTEXTS) + 1
     triton_us = step_us(TritonBackend(weights, context), tokens)
     on_candidate()
     timed, rejected = [], 0
-    for start_tiles in (None, tuned):
+    try:
+        probe = MegakernelBackend(weights, context)  # the default config: compiled, resident, checked
+    except Exception:  # noqa: BLE001 - it does not compile, fit or pass its check: the GPU runs the triton backend
+        for _ in range(MEGAKERNEL_CANDIDATES):
+            on_candidate()
+        return MegakernelTuning({}, math.inf, triton_us, list(TUNE_CONTEXTS), 1, 1)
+    registers = getattr(torch.cuda.get_device_properties(device), "regs_per_multiprocessor", 65536)
+    found = megakernel_candidates(probe.kernel_config, tuned, sms(device), registers, config.num_kv_heads)
+    compile_all([lambda cfg=cfg: probe.compile_config(cfg) for cfg in found[1:]])
+    del probe
+    for cfg in found:
         torch.cuda.empty_cache()
         try:
-            backend = MegakernelBackend(weights, context, start_tiles=start_tiles)
-            if all(backend.kernel_config != cfg for _, cfg in timed):
-                timed.append((step_us(backend, tokens), backend.kernel_config))
+            backend = MegakernelBackend(weights, context, config=cfg)
+            timed.append((step_us(backend, tokens), cfg))
             del backend
         except Exception:  # noqa: BLE001 - no compile, no room on the GPU, or a failed check: no winner
             rejected += 1
         on_candidate()
+    for _ in range(MEGAKERNEL_CANDIDATES - len(found)):
+        on_candidate()  # duplicates dropped: the progress bar still ends full
     if not timed:
-        return MegakernelTuning({}, math.inf, triton_us, TUNE_CONTEXT, rejected)
+        return MegakernelTuning({}, math.inf, triton_us, list(TUNE_CONTEXTS), rejected, len(found))
     us, best = min(timed, key=lambda item: item[0])
-    return MegakernelTuning(dataclasses.asdict(best), us, triton_us, TUNE_CONTEXT, rejected)
+    return MegakernelTuning(dataclasses.asdict(best), us, triton_us, list(TUNE_CONTEXTS), rejected,
+                            len(found))
 
 
 def tune(config: ModelConfig, group_size: int, device: torch.device,

@@ -24,7 +24,7 @@ from ffchat.config import ModelConfig
 from ffchat.profiles import GpuIdentity
 from ffchat.quantize.layout import choose_group_size
 
-FORMAT = 2  # of the cache file; another value is ignored (re-tune)
+FORMAT = 3  # of the cache file; another value is ignored (re-tune); 3: the megakernel timed at two contexts
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,15 @@ def tuning_dir() -> Path:
 @dataclass(frozen=True)
 class MegakernelTuning:
     """The whole-model kernel's fastest correct configuration (``MegakernelConfig`` fields) and the decode step
-    time, in us at ``context`` cached tokens, of it and of the Triton backend, measured in one process."""
+    time, in us, the mean over ``contexts`` cached tokens, of it and of the Triton backend, measured in one
+    process."""
 
     config: dict
     us: float
     triton_us: float
-    context: int
+    contexts: list[int]
     rejected: int  # candidates that failed to compile, to be resident, or the check against the Triton backend
+    tried: int = 0  # candidate configurations (files of before the search hold 0)
 
     @property
     def faster(self) -> bool:
@@ -153,5 +155,6 @@ def describe_megakernel(tuning: MegakernelTuning | None) -> str:
     if not tuning.config:
         return "auto runs the triton backend (no megakernel configuration passed its checks on this GPU)"
     verdict = "auto runs the megakernel" if tuning.faster else "auto runs the triton backend"
-    return f"{verdict} (megakernel {tuning.us:.0f} us, triton {tuning.triton_us:.0f} us per step at " \
-           f"{tuning.context} tokens)"
+    searched = f", fastest of {tuning.tried} configurations" if tuning.tried else ""
+    return f"{verdict} (megakernel {tuning.us:.0f} us{searched}, triton {tuning.triton_us:.0f} us per step at " \
+           f"{' and '.join(map(str, tuning.contexts))} tokens, averaged)"

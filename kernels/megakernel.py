@@ -340,6 +340,34 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
 
     The error flag (``state.error``) is left non-zero if a wait gave up; the caller reads it when it syncs anyway.
     """
+    cfg = state.config
+    args, options = _launch_arguments(model, k_cache, v_cache, cos, sin, step_ids, workspace, state)
+    kernel = _megakernel[(cfg.programs,)](*args, **options)
+    if not state.resident_checked and not _INTERPRETED:
+        most = resident_per_sm(kernel, cfg.num_warps, k_cache.device) * sms(k_cache.device)
+        if cfg.programs > most:
+            raise ValueError(f"the megakernel's {cfg.programs} programs cannot all be resident on this GPU (at most "
+                             f"{most} with {kernel.n_regs} registers per thread); its waits would run out")
+        state.resident_checked = True
+    return state.logits
+
+
+def compile_megakernel(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, step_ids: torch.Tensor, workspace: DecodeAttentionWorkspace,
+                       state: MegakernelState) -> None:
+    """Compile the kernel ``megakernel_decode`` would launch with these arguments, without launching it.
+
+    Compiling releases the GIL: tuning compiles its candidate configurations from several threads at once,
+    and each one's first launch then finds its kernel compiled.
+    """
+    args, options = _launch_arguments(model, k_cache, v_cache, cos, sin, step_ids, workspace, state)
+    _megakernel.warmup(*args, grid=(state.config.programs,), **options)
+
+
+def _launch_arguments(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.Tensor, cos: torch.Tensor,
+                      sin: torch.Tensor, step_ids: torch.Tensor, workspace: DecodeAttentionWorkspace,
+                      state: MegakernelState) -> tuple[tuple, dict]:
+    """The kernel's positional arguments and its constants and launch options, for ``state``'s config."""
     cfg, tiles = state.config, state.config.tiles
     hkv, s, d = k_cache.shape[1:]
     if tuple(k_cache.shape) != (model.num_layers, model.num_kv_heads, s, model.head_dim) or not k_cache.is_contiguous():
@@ -361,7 +389,7 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
 
     dummy = model.final_norm
     trace = state.trace if state.trace is not None else state.counters  # untraced: a pointer never written
-    kernel = _megakernel[(cfg.programs,)](
+    args = (
         trace, trace[-1:], state.schedule, state.counters, state.exits, state.error, step_ids, cfg.spin_cap,
         model.embed, *state.stream, state.qkv, state.attention, state.hidden, state.logits,
         model.attn_norm, model.mlp_norm, model.final_norm,
@@ -370,6 +398,8 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
         bias(model.gate_up), *weights(model.down), bias(model.down), *weights(model.head),
         k_cache, v_cache, cos, sin, workspace.max_logit, workspace.sum_exp, workspace.acc, workspace.arrivals,
         s, cos.shape[0], model.sliding_window or 0, d ** -0.5 * LOG2E, model.eps, HIGH_NIBBLE, LOW_NIBBLE, ONE_F32,
+    )
+    options = dict(
         SLOTS=state.schedule.shape[1] - 1, FIELDS=FIELDS, NUM_COUNTERS=state.counters.numel(),
         NUM_PROGRAMS=cfg.programs, H=model.hidden, I=model.intermediate, V=model.head.rows, HQ=model.num_heads,
         HKV=hkv, D=d, EMBED_BLOCK=cfg.embed_block, NORM_BLOCK=norm_block,
@@ -386,13 +416,7 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
         TRACE=state.trace is not None,
         num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )
-    if not state.resident_checked and not _INTERPRETED:
-        most = resident_per_sm(kernel, cfg.num_warps, k_cache.device) * sms(k_cache.device)
-        if cfg.programs > most:
-            raise ValueError(f"the megakernel's {cfg.programs} programs cannot all be resident on this GPU (at most "
-                             f"{most} with {kernel.n_regs} registers per thread); its waits would run out")
-        state.resident_checked = True
-    return state.logits
+    return args, options
 
 
 def sms(device: torch.device) -> int:

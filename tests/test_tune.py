@@ -13,7 +13,8 @@ from ffchat import tuning_cache
 from ffchat.kernels.int4_gemv import GemvConfig, pick_config
 from ffchat.profiles import GpuIdentity
 from ffchat.shapes import shape_config
-from ffchat.tune import ProblemResult, candidates
+from ffchat.megakernel_backend import default_config
+from ffchat.tune import MEGAKERNEL_CANDIDATES, ProblemResult, candidates, megakernel_candidates
 from ffchat.tuning_cache import (
     GemvProblem, MegakernelTuning, decode_problems, describe_megakernel, load_tuning, save_tuning, tuning_path,
 )
@@ -59,7 +60,7 @@ def result(problem, block_n):
 
 
 LLAMA_1B = shape_config("llama-3.2-1b")
-MEGAKERNEL = MegakernelTuning({"programs": 264, "num_warps": 4, "tiles": {}}, 480.0, 500.0, 512, 0)
+MEGAKERNEL = MegakernelTuning({"programs": 264, "num_warps": 4, "tiles": {}}, 480.0, 500.0, [512, 4096], 0)
 
 
 def test_a_saved_tuning_is_found_again_and_only_for_its_gpu_and_shape():
@@ -86,8 +87,30 @@ def test_a_tuning_without_the_megakernel_says_so():
     assert describe_megakernel(MEGAKERNEL).startswith("auto runs the megakernel (megakernel 480 us, triton 500 us")
     slower = dataclasses.replace(MEGAKERNEL, us=600.0)
     assert not slower.faster and describe_megakernel(slower).startswith("auto runs the triton backend")
-    failed = MegakernelTuning({}, math.inf, 500.0, 512, 2)
+    failed = MegakernelTuning({}, math.inf, 500.0, [512, 4096], 2)
     assert not failed.faster and "no megakernel configuration passed" in describe_megakernel(failed)
+    searched = dataclasses.replace(MEGAKERNEL, tried=25)
+    assert "megakernel 480 us, fastest of 25 configurations, triton 500 us" in describe_megakernel(searched)
+
+
+def test_the_megakernel_search_covers_tiles_grids_warps_and_attention_within_the_registers():
+    """On a GPU of 132 SMs with 64K registers each: every candidate distinct, the default first, all resident."""
+    from ffchat.megakernel_backend import MegakernelBackend
+    from ffchat.shapes import random_weights
+
+    model = MegakernelBackend(random_weights(shape_config("tiny"), label="tiny", int4=True, device="cpu"), 64).model
+    default = dataclasses.replace(default_config(model, CPU), programs=264)
+    tuned = {role: dataclasses.replace(tile, block_n=max(1, tile.block_n // 2), max_registers=128)
+             for role, tile in default.tiles.items()}
+    found = megakernel_candidates(default, tuned, 132, 65536, model.num_kv_heads)
+    assert found[0] == default and all(found.count(c) == 1 for c in found) and len(found) <= MEGAKERNEL_CANDIDATES
+    assert {(c.programs, c.num_warps, c.max_registers) for c in found} == {(264, 4, None), (396, 4, 168), (132, 8, None)}
+    assert {c.attention_block for c in found} == {64, 32} and len({c.attention_splits for c in found}) >= 2
+    halved = {role: dataclasses.replace(tile, max_registers=None, prefetch=True) for role, tile in tuned.items()}
+    assert {tuple(sorted(c.tiles.items())) for c in found} == {tuple(sorted(default.tiles.items())),
+                                                              tuple(sorted(halved.items()))}
+    for c in found:  # a thread holds at most 255 registers; the programs of one SM share 64K
+        assert c.programs // 132 * c.num_warps * 32 * (c.max_registers or 256) <= 65536
 
 
 @pytest.mark.parametrize("damage", ["truncate", "format"])

@@ -17,7 +17,7 @@ from ffchat.reference_backend import ReferenceBackend
 from ffchat.shapes import random_weights, shape_config
 from ffchat.triton_backend import TritonBackend
 from ffchat.runtime import choose_backend
-from ffchat.tune import TUNE_CONTEXT, tune
+from ffchat.tune import TUNE_CONTEXTS, tune
 from ffchat.tuning_cache import decode_problems, load_tuning
 
 pytestmark = GPU_COMPILED
@@ -30,7 +30,7 @@ def test_tuned_tiles_are_cached_and_used(tmp_path, monkeypatch):
     assert path.parent == tmp_path / "ffchat-tuning" and path.is_file()
     assert [r.problem for r in results] == decode_problems(config, 128)
     assert all(0 < r.us <= r.profile_us for r in results)  # the profile's tile is a candidate
-    assert mega.rejected == 0 and 0 < mega.us < math.inf and mega.triton_us > 0 and mega.context == TUNE_CONTEXT
+    assert mega.rejected == 0 and 0 < mega.us < math.inf and mega.triton_us > 0 and mega.contexts == list(TUNE_CONTEXTS)
     assert load_tuning(GpuIdentity.of(torch.device("cuda")), config, 128).megakernel == mega
     weights = random_weights(config, label="tiny", int4=True)
     triton = TritonBackend(weights, 64)
