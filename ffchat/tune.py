@@ -52,7 +52,7 @@ STEP_REPEATS = 50  # timed decode steps per backend (after 5 warm-up steps)
 # 2 x 4 warps beat 1 x 8 warps (929 us) and 3 x 4 under a register cap (659 us) by 35% and 15% (BENCHMARKS.md).
 MEGAKERNEL_GRIDS = ((2, 4), (3, 4), (1, 8))
 MEGAKERNEL_ATTENTION_BLOCKS = (64, 32)
-MEGAKERNEL_CANDIDATES = 1 + 2 * len(MEGAKERNEL_GRIDS) * len(MEGAKERNEL_ATTENTION_BLOCKS) * 2  # at most
+MEGAKERNEL_CANDIDATES = 2 + 2 * len(MEGAKERNEL_GRIDS) * len(MEGAKERNEL_ATTENTION_BLOCKS)  # at most
 MEGAKERNEL_STEPS = 1 + MEGAKERNEL_CANDIDATES  # progress steps of the megakernel phase: the Triton step, candidates
 COMPILE_THREADS = min(16, os.cpu_count() or 1)
 
@@ -185,26 +185,26 @@ def step_us(backend, tokens: list[int]) -> float:
 
 def megakernel_candidates(default: MegakernelConfig, tuned_tiles: dict[str, GemvConfig], sm_count: int,
                           registers_per_sm: int, num_kv_heads: int) -> list[MegakernelConfig]:
-    """The default config first, then every combination of the searched axes, duplicates dropped:
+    """The default config, the default with half its attention shares per KV head, then every combination of
+    the other searched axes (duplicates dropped):
 
     * tiles: the profile's (the default's) or ``tuned_tiles`` as the megakernel runs them;
     * grid and warps (``MEGAKERNEL_GRIDS``): programs per SM, warps per program, and the register cap that lets
-      them all be resident (registers per SM over their threads, a multiple of 8);
-    * attention: keys per block (``MEGAKERNEL_ATTENTION_BLOCKS``), and shares per KV head about one per program
-      or half that.
+      them all be resident (registers per SM over their threads, a multiple of 8); shares per KV head about one
+      per program;
+    * keys per attention block (``MEGAKERNEL_ATTENTION_BLOCKS``).
     """
     tile_sets = [default.tiles, {role: megakernel_tile(tile) for role, tile in tuned_tiles.items()}]
-    found = [default]
+    found = [default, dataclasses.replace(default, attention_splits=max(2, default.attention_splits // 2))]
     for tiles in tile_sets:
         for per_sm, warps in MEGAKERNEL_GRIDS:
             programs = per_sm * sm_count
             cap = registers_per_sm // (per_sm * warps * 32)
-            splits = attention_splits(programs, num_kv_heads)
             for block in MEGAKERNEL_ATTENTION_BLOCKS:
-                for shares in dict.fromkeys((splits, max(2, splits // 2))):
-                    found.append(dataclasses.replace(default, programs=programs, num_warps=warps, tiles=tiles,
-                                                     max_registers=None if cap >= 255 else cap // 8 * 8,
-                                                     attention_splits=shares, attention_block=block))
+                found.append(dataclasses.replace(default, programs=programs, num_warps=warps, tiles=tiles,
+                                                 max_registers=None if cap >= 255 else cap // 8 * 8,
+                                                 attention_splits=attention_splits(programs, num_kv_heads),
+                                                 attention_block=block))
     unique: list[MegakernelConfig] = []  # configs hold dicts: compared, not hashed
     for cfg in found:
         if cfg not in unique:
