@@ -9,11 +9,11 @@ The profile's own choice is always a candidate. Timed alone, a GEMV only approxi
 cost inside the captured step (PDL overlaps neighbours): on an H200 the 1B winners, each
 0-2% faster alone, made the step 4% faster; another set, with one GEMV 7% faster alone,
 changed it by nothing (BENCHMARKS.md, 2026-12-02).
-Then the whole-model kernel (``ffchat.megakernel_backend``): its default configuration and
-every combination of tiles (the profile's, the tuned ones), grid and warps, and attention
-blocks and shares (``megakernel_candidates``), each checked against the Triton backend by the
-backend's own start-up check and timed over decode steps at each of ``TUNE_CONTEXTS`` cached tokens,
-as is the Triton backend's step in the same process. The first `ffchat run` on a GPU tunes
+Then the whole-model kernel (``ffchat.megakernel_backend``): its default configuration, that
+with half the attention shares, and every combination of tiles (the profile's, the tuned
+ones), grid and warps, and keys per attention block (``megakernel_candidates``), each checked
+against the Triton backend by the backend's own start-up check and timed over decode steps at
+each of ``TUNE_CONTEXTS`` cached tokens, as is the Triton backend's step in the same process. The first `ffchat run` on a GPU tunes
 while the user waits, so every candidate of a phase (a whole-kernel compile is ~6 s of an
 H200 host's CPU) is compiled first, on threads at once.
 The winners go to ``ffchat.tuning_cache``; the backends read them at start-up, ``auto``
