@@ -13,9 +13,10 @@ Then the whole-model kernel (``ffchat.megakernel_backend``): its default configu
 with half the attention shares, and every combination of tiles (the profile's, the tuned
 ones), grid and warps, and keys per attention block (``megakernel_candidates``), each checked
 against the Triton backend by the backend's own start-up check and timed over decode steps at
-each of ``TUNE_CONTEXTS`` cached tokens, as is the Triton backend's step in the same process. The first `ffchat run` on a GPU tunes
-while the user waits, so every candidate of a phase (a whole-kernel compile is ~6 s of an
-H200 host's CPU) is compiled first, on threads at once.
+each of ``TUNE_CONTEXTS`` cached tokens, as is the Triton backend's step in the same process.
+The first `ffchat run` on a GPU tunes while the user waits, so every candidate of a phase (a
+whole-kernel compile is ~6 s of an H200 host's CPU) is compiled first, on threads at once:
+a 1B shape tunes in ~39 s on an H200 (BENCHMARKS.md, 2026-12-03).
 The winners go to ``ffchat.tuning_cache``; the backends read them at start-up, ``auto``
 runs the megakernel where it measured faster, and `ffchat show` says what a model uses here.
 """

@@ -75,7 +75,7 @@ class MegakernelTuning:
     triton_us: float
     contexts: list[int]
     rejected: int  # candidates that failed to compile, to be resident, or the check against the Triton backend
-    tried: int = 0  # candidate configurations (files of before the search hold 0)
+    tried: int  # candidate configurations
 
     @property
     def faster(self) -> bool:
@@ -155,6 +155,6 @@ def describe_megakernel(tuning: MegakernelTuning | None) -> str:
     if not tuning.config:
         return "auto runs the triton backend (no megakernel configuration passed its checks on this GPU)"
     verdict = "auto runs the megakernel" if tuning.faster else "auto runs the triton backend"
-    searched = f", fastest of {tuning.tried} configurations" if tuning.tried else ""
-    return f"{verdict} (megakernel {tuning.us:.0f} us{searched}, triton {tuning.triton_us:.0f} us per step at " \
-           f"{' and '.join(map(str, tuning.contexts))} tokens, averaged)"
+    contexts = " and ".join(map(str, tuning.contexts))
+    return f"{verdict} (megakernel {tuning.us:.0f} us, fastest of {tuning.tried} configurations, triton " \
+           f"{tuning.triton_us:.0f} us per step at {contexts} tokens, averaged)"

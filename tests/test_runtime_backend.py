@@ -48,7 +48,8 @@ def tuned_here(tmp_path, monkeypatch):
     def save(megakernel_us: float | None, triton_us: float = 500.0) -> None:
         config = tiny_config("llama")
         results = [ProblemResult(p, GemvConfig(16, 32, 4), 1.0, 1.0, 0) for p in decode_problems(config, 32)]
-        mega = None if megakernel_us is None else MegakernelTuning({"programs": 1}, megakernel_us, triton_us, [512], 0)
+        mega = None if megakernel_us is None else MegakernelTuning({"programs": 1}, megakernel_us, triton_us, [512],
+                                                                   0, 1)
         save_tuning(tuning_path(GPU, config, 32), GPU, results, 1.0, mega)
     return save
 
