@@ -107,9 +107,7 @@ class MegakernelBackend(TritonBackend):
         cached = self.cached_tuning.megakernel if self.cached_tuning else None
         tuned = config_from_fields(cached.config) if cached and cached.config and not config else None
         self.kernel_config = config or tuned or default_config(self.model, self.device)
-        self.attention_workspace = make_workspace(
-            self.config.num_heads, self.config.head_dim, context_length, self.kernel_config.attention_config(),
-            num_kv_heads=self.config.num_kv_heads, device=self.device)
+        self.attention_workspace = self._workspace(self.kernel_config)
         self.state = prepare(self.model, self.kernel_config, self.attention_workspace, schedule)
         self.error_seen = torch.zeros(1, dtype=torch.int32, pin_memory=self.device.type == "cuda")
         self.details = {**self.details, "megakernel_tuned": tuned is not None, "programs": self.kernel_config.programs,
@@ -155,11 +153,14 @@ class MegakernelBackend(TritonBackend):
             eps=config.rms_norm_eps, sliding_window=config.sliding_window,
         )
 
+    def _workspace(self, config: MegakernelConfig):
+        """An attention workspace for ``config``'s shares at this backend's context."""
+        return make_workspace(self.config.num_heads, self.config.head_dim, self.context_length,
+                              config.attention_config(), num_kv_heads=self.config.num_kv_heads, device=self.device)
+
     def compile_config(self, config: MegakernelConfig) -> None:
         """Compile the kernel of ``config`` for this backend's shape and tensors, without running it (tuning)."""
-        workspace = make_workspace(self.config.num_heads, self.config.head_dim, self.context_length,
-                                   config.attention_config(), num_kv_heads=self.config.num_kv_heads,
-                                   device=self.device)
+        workspace = self._workspace(config)
         compile_megakernel(self.model, self.k_cache, self.v_cache, self.rope_cos, self.rope_sin, self.step_ids,
                            workspace, prepare(self.model, config, workspace))
 

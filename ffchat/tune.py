@@ -23,6 +23,7 @@ runs the megakernel where it measured faster, and `ffchat show` says what a mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -38,7 +39,7 @@ import torch
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_reference, pick_config
-from ffchat.kernels.megakernel import MegakernelConfig, sms
+from ffchat.kernels.megakernel import MegakernelConfig, registers_per_sm, sms
 from ffchat.megakernel_backend import attention_splits, megakernel_tile
 from ffchat.profiles import GpuIdentity
 from ffchat.tuning_cache import GemvProblem, MegakernelTuning, decode_problems, save_tuning, tuning_path
@@ -153,7 +154,8 @@ def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Calla
     def first_launch(cfg: GemvConfig):
         return int4_gemv(x, *sets[0], problem.group_size, config=cfg, **extra)
 
-    compile_all([lambda: first_launch(found[0])])  # alone first: Triton sets up its caches for the kernel once
+    with contextlib.suppress(Exception):  # alone first: Triton sets up its caches for the kernel once
+        first_launch(found[0])  # a failure is the loop's to count
     compile_all([lambda cfg=cfg: first_launch(cfg) for cfg in found[1:]])
     for index, cfg in enumerate(found):
         try:
@@ -239,18 +241,19 @@ def tune_megakernel(config: ModelConfig, group_size: int, device: torch.device, 
     context = max(TUNE_CONTEXTS) + 1
     triton_us = step_us(TritonBackend(weights, context), tokens)
     on_candidate()
-    timed, rejected = [], 0
+    timed, rejected, found = [], 0, []
     try:
         probe = MegakernelBackend(weights, context)  # the default config: compiled, resident, checked
     except Exception:  # noqa: BLE001 - it does not compile, fit or pass its check: the GPU runs the triton backend
-        for _ in range(MEGAKERNEL_CANDIDATES):
-            on_candidate()
-        return MegakernelTuning({}, math.inf, triton_us, list(TUNE_CONTEXTS), 1, 1)
-    registers = getattr(torch.cuda.get_device_properties(device), "regs_per_multiprocessor", 65536)
-    found = megakernel_candidates(probe.kernel_config, tuned, sms(device), registers, config.num_kv_heads)
-    compile_all([lambda cfg=cfg: probe.compile_config(cfg) for cfg in found[1:]])
-    del probe
-    for cfg in found:
+        rejected = 1
+    else:
+        found = megakernel_candidates(probe.kernel_config, tuned, sms(device), registers_per_sm(device),
+                                      config.num_kv_heads)
+        timed.append((step_us(probe, tokens), found[0]))
+        compile_all([lambda cfg=cfg: probe.compile_config(cfg) for cfg in found[1:]])
+        del probe
+    on_candidate()
+    for cfg in found[1:]:
         torch.cuda.empty_cache()
         try:
             backend = MegakernelBackend(weights, context, config=cfg)
@@ -259,13 +262,13 @@ def tune_megakernel(config: ModelConfig, group_size: int, device: torch.device, 
         except Exception:  # noqa: BLE001 - no compile, no room on the GPU, or a failed check: no winner
             rejected += 1
         on_candidate()
-    for _ in range(MEGAKERNEL_CANDIDATES - len(found)):
-        on_candidate()  # duplicates dropped: the progress bar still ends full
+    tried = max(1, len(found))
+    for _ in range(MEGAKERNEL_CANDIDATES - tried):
+        on_candidate()  # duplicates dropped, or the default failed: the progress bar still ends full
     if not timed:
-        return MegakernelTuning({}, math.inf, triton_us, list(TUNE_CONTEXTS), rejected, len(found))
+        return MegakernelTuning({}, math.inf, triton_us, list(TUNE_CONTEXTS), rejected, tried)
     us, best = min(timed, key=lambda item: item[0])
-    return MegakernelTuning(dataclasses.asdict(best), us, triton_us, list(TUNE_CONTEXTS), rejected,
-                            len(found))
+    return MegakernelTuning(dataclasses.asdict(best), us, triton_us, list(TUNE_CONTEXTS), rejected, tried)
 
 
 def tune(config: ModelConfig, group_size: int, device: torch.device,

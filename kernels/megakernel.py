@@ -423,10 +423,14 @@ def sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def registers_per_sm(device: torch.device) -> int:
+    return getattr(torch.cuda.get_device_properties(device), "regs_per_multiprocessor", 65536)
+
+
 def resident_per_sm(kernel, num_warps: int, device: torch.device) -> int:
     """How many programs of a compiled kernel one SM holds at once: its registers, threads and shared memory."""
     props = torch.cuda.get_device_properties(device)
-    registers = getattr(props, "regs_per_multiprocessor", 65536)
+    registers = registers_per_sm(device)
     threads = getattr(props, "max_threads_per_multi_processor", 2048)
     shared = getattr(props, "shared_memory_per_multiprocessor", 228 * 1024)
     warp_registers = -(-kernel.n_regs * 32 // 256) * 256  # allocated per warp in units of 256
