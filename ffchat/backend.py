@@ -25,8 +25,12 @@ class Backend(Protocol):
     def prefill(self, tokens: Sequence[int]) -> torch.Tensor:
         """Append ``tokens`` to the cache in one pass; return fp32 logits of the last one, shape [vocab]."""
 
-    def decode(self, token: int) -> torch.Tensor:
-        """Append one token; return its fp32 logits, shape [vocab]."""
+    def decode(self, token: int | torch.Tensor) -> torch.Tensor:
+        """Append one token; return its fp32 logits, shape [vocab].
+
+        ``token`` may be an int64 tensor [1] on the device that the host has not read yet
+        (``ffchat.sampling.Pick``): the step is then queued without waiting for it.
+        """
 
     def rewind(self, position: int) -> None:
         """Forget every cached token from ``position`` on (0 resets the conversation)."""

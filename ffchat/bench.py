@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -37,12 +37,19 @@ from ffchat.errors import FfchatError
 from ffchat.profiles import profile_for_device
 from ffchat.runtime import TRITON_BACKENDS
 from ffchat.shapes import BenchWeights, random_weights, shape_config, stored_weights
+from ffchat.generate import Generator
+from ffchat.sampling import SamplingParams
+from ffchat.tokenizer import Tokenizer
 
 DEVICE = "cuda"
 COPY_BUFFER_BYTES = 1 << 30
 COPY_REPEATS = 20
 PREFILL_REPEATS = 5
 DEFAULT_SHAPE = "llama-3.2-1b"
+GENERATE_PROMPT = 128  # tokens before a timed answer
+# How `ffchat bench` samples the answers it times: greedy, and Ollama's defaults (seeded).
+GENERATE_SAMPLING = {"greedy": SamplingParams(temperature=0.0, repeat_penalty=1.0),
+                     "sampled": SamplingParams(seed=0)}
 
 
 @dataclass(frozen=True)
@@ -166,8 +173,9 @@ def measure(options: BenchOptions, steps: _Steps) -> dict:
 
     steps.start("weights")
     weights, report["model"] = load_weights(options)
+    tokenizer = _tokenizer(options)
     config = weights.config
-    context_length = max(max(options.contexts), options.prompt) + 1
+    context_length = max(max(options.contexts), options.prompt, GENERATE_PROMPT + options.steps) + 1
     if context_length > config.max_position_embeddings:
         raise FfchatError(f"contexts up to {context_length} tokens exceed the model's {config.max_position_embeddings}")
     rng = torch.Generator().manual_seed(options.seed)
@@ -178,7 +186,7 @@ def measure(options: BenchOptions, steps: _Steps) -> dict:
                   warmup=options.warmup, context_length=context_length)
     report["roofline"] = [_roofline(context, weights.decode_bytes(context), bandwidth) for context in options.contexts]
     report["backends"] = [
-        _measure_backend(name, weights, context_length, options, tokens, report["roofline"], steps)
+        _measure_backend(name, weights, context_length, options, tokens, report["roofline"], tokenizer, steps)
         for name in options.backends
     ]
     _add_ratios(report["backends"])
@@ -204,14 +212,37 @@ def load_weights(options: BenchOptions) -> tuple[BenchWeights, dict]:
     return weights, about
 
 
+class SilentTokenizer:
+    """Random weights have no vocabulary: every id is ordinary and decodes to no text, and none ends an answer.
+
+    So a shape's generation loop times everything `ffchat run` does per token but detokenizing.
+    """
+
+    eos_token_ids = frozenset()
+
+    def is_special(self, token_id: int) -> bool:
+        return False
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return ""
+
+
+def _tokenizer(options: BenchOptions) -> Tokenizer | SilentTokenizer:
+    if not options.model:
+        return SilentTokenizer()
+    from ffchat.store import Store
+
+    return Tokenizer.from_dir(Store().get(options.model).model_dir)
+
+
 def _roofline(context: int, parts: dict[str, int], bandwidth: float) -> dict:
     seconds = parts["total"] / bandwidth
     return {"context": context, "bytes": parts, "ms": seconds * 1e3, "tok_per_s": 1 / seconds}
 
 
 def _measure_backend(name: str, weights: BenchWeights, context_length: int, options: BenchOptions,
-                     tokens: list[int], roofline: list[dict], steps: _Steps) -> dict:
-    """Build one backend, time its decode at every context and its prefill, then free it."""
+                     tokens: list[int], roofline: list[dict], tokenizer: Tokenizer, steps: _Steps) -> dict:
+    """Build one backend, time its decode at every context, the generation loop and its prefill, then free it."""
     result: dict = {"name": name, "about": BACKENDS[name].about}
     backend = None
     try:
@@ -230,6 +261,12 @@ def _measure_backend(name: str, weights: BenchWeights, context_length: int, opti
             result["decode"].append(row)
             steps.done(f"{name}: context {roof['context']}: {row['ms_per_token']:.3f} ms/token, "
                        f"{row['tok_per_s']:.0f} tok/s, {row['pct_roofline']:.1f}% of roofline")
+        result["generate"] = []
+        for sampling, params in GENERATE_SAMPLING.items():
+            steps.start(f"{name}: generate {options.steps} tokens, {sampling}")
+            row = time_generation(backend, tokenizer, tokens[:GENERATE_PROMPT], params, options.steps)
+            result["generate"].append({"sampling": sampling, **row})
+            steps.done(f"{name}: generate ({sampling}) {row['tok_per_s']:.0f} tok/s, host included")
         steps.start(f"{name}: prefill {options.prompt} tokens")
         gpu_ms, ttft_ms = time_prefill(backend, tokens[:options.prompt], PREFILL_REPEATS)
         result["prefill"] = {"prompt_tokens": options.prompt, "ms": statistics.median(gpu_ms),
@@ -318,6 +355,20 @@ def time_decode(backend: Backend, context: int, tokens: list[int], steps: int, w
     return event_times(step, steps)
 
 
+def time_generation(backend: Backend, tokenizer, prompt: list[int], params: SamplingParams, count: int) -> dict:
+    """Tokens per second of ``ffchat run``'s generation loop (host time, everything included) for ``count`` tokens
+    after ``prompt``, with the decode rate of the same answer for comparison; one warm-up answer first."""
+    generator = Generator(backend, tokenizer)
+    for _ in range(2):
+        backend.rewind(0)
+        generator.cached.clear()
+        for _ in generator.stream(prompt, replace(params, max_tokens=count)):
+            pass
+    done = generator.last
+    return {"prompt_tokens": len(prompt), "tokens": done.completion_tokens, "tok_per_s": done.decode_tokens_per_s,
+            "finish_reason": done.finish_reason}
+
+
 def time_prefill(backend: Backend, prompt: list[int], repeats: int) -> tuple[list[float], list[float]]:
     """(GPU ms, time-to-first-token ms) of prefilling ``prompt`` into an empty cache, after one warm-up.
 
@@ -397,7 +448,7 @@ class _Steps:
 
 
 def tables(report: dict) -> list[Table]:
-    """The report for people: decode per backend and context, then prefill and TTFT."""
+    """The report for people: decode per backend and context, the generation loop, then prefill and TTFT."""
     model, bandwidth = report["model"], report["copy_bandwidth"]["gb_per_s"]
     fmt = f"INT4 g{model['group_size']} {model['quantizer']}" if model["format"] == "int4" else "bf16"
     decode = Table(title=f"{model['name']} · {fmt} · {report['device']['name']} · copy {bandwidth:.0f} GB/s",
@@ -408,10 +459,17 @@ def tables(report: dict) -> list[Table]:
     prefill = Table(title=f"prefill of {report['prompt_tokens']} tokens", header_style="bold")
     for column in ("backend", "prefill tok/s", "TTFT ms", f"vs {BASELINE}", "setup s"):
         prefill.add_column(column, justify="left" if column == "backend" else "right")
+    generate = Table(title=f"answers after a {GENERATE_PROMPT}-token prompt: `ffchat run`'s loop, host time "
+                           "included", header_style="bold")
+    for column in ("backend", *(f"{sampling} tok/s" for sampling in GENERATE_SAMPLING), "decode alone tok/s"):
+        generate.add_column(column, justify="left" if column == "backend" else "right")
     for result in report["backends"]:
         if "error" in result:
             decode.add_row(result["name"], "", "", "", f"failed: {result['error']}")
             continue
+        nearest = min(result["decode"], key=lambda row: abs(row["context"] - GENERATE_PROMPT))
+        generate.add_row(result["name"], *(f"{row['tok_per_s']:.0f}" for row in result["generate"]),
+                         f"{nearest['tok_per_s']:.0f} (context {nearest['context']})")
         for row in result["decode"]:
             decode.add_row(result["name"], str(row["context"]), f"{row['bytes_per_token'] / 1e6:.1f}",
                            f"{row['roofline_ms']:.3f}", f"{row['ms_per_token']:.3f}", f"{row['tok_per_s']:.0f}",
@@ -419,7 +477,7 @@ def tables(report: dict) -> list[Table]:
         pre = result["prefill"]
         prefill.add_row(result["name"], f"{pre['tok_per_s']:.0f}", f"{pre['ttft_ms']:.1f}", _ratio(pre),
                         f"{result['setup_s']:.1f}")
-    return [decode, prefill]
+    return [decode, generate, prefill]
 
 
 def _ratio(row: dict) -> str:

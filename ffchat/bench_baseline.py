@@ -204,9 +204,12 @@ class TorchCompileBackend:
         return logits[0].float()
 
     @torch.no_grad()
-    def decode(self, token: int) -> Tensor:
+    def decode(self, token: int | Tensor) -> Tensor:
         check_room_for_token(self)
-        self._token.fill_(token)
+        if isinstance(token, Tensor):
+            self._token.copy_(token)
+        else:
+            self._token.fill_(token)
         self._position.fill_(self.position)
         torch.compiler.cudagraph_mark_step_begin()
         logits = self.step(self._token, self._position)

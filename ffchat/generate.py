@@ -16,7 +16,7 @@ import torch
 
 from ffchat.backend import Backend
 from ffchat.errors import FfchatError
-from ffchat.sampling import Sampler, SamplingParams
+from ffchat.sampling import Pick, Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from ffchat.tokenizer import StreamDecoder, Tokenizer
@@ -95,10 +95,11 @@ def _shared_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class _Answer:
     """The state of one answer while it is generated."""
 
-    def __init__(self, prompt: list[int], params: SamplingParams, decoder: StreamDecoder, stops: Sequence[str]):
+    def __init__(self, prompt: list[int], params: SamplingParams, decoder: StreamDecoder, stops: Sequence[str],
+                 context_length: int):
         self.prompt_length = len(prompt)
         self.tokens = list(prompt)  # prompt then answer: the repetition penalty looks at both
-        self.sampler = Sampler(params)
+        self.sampler = Sampler(params, prompt, capacity=context_length)
         self.max_tokens = params.max_tokens
         self.decoder = decoder
         self.stops = StopStrings([*params.stop, *stops])
@@ -156,9 +157,10 @@ class Generator:
         self.last = None
         prompt = list(prompt_tokens)
         self._check_prompt(prompt)
-        answer = _Answer(prompt, params, StreamDecoder(self.tokenizer), stop)
+        answer = _Answer(prompt, params, StreamDecoder(self.tokenizer), stop, self.backend.context_length)
         try:
             yield from self._generate(answer)
+            self._resync()  # forget the step queued for the token that ended the answer
         except KeyboardInterrupt:
             answer.finish_reason = "interrupted"
             self._resync()
@@ -182,10 +184,17 @@ class Generator:
             )
 
     def _generate(self, answer: _Answer) -> Iterator[str]:
+        """Pick each token on the device and queue the step that reads it before the host learns it.
+
+        So the GPU computes token n + 1 while the host shows token n (and checks it for an end):
+        the host's time per token hides behind the GPU's. A step queued for a token that ends the
+        answer is wasted work, forgotten by the rewind in ``stream``.
+        """
         eos = set(self.tokenizer.eos_token_ids)
-        logits = self._prefill(answer)
+        pick = answer.sampler.pick(self._prefill(answer))
         while True:
-            token = answer.sampler.sample(logits, answer.tokens)
+            logits = self._decode_ahead(answer, pick)
+            token = pick.value()
             self._timestamp(answer)
             if token in eos:
                 answer.finish_reason = "stop"
@@ -198,8 +207,15 @@ class Generator:
             if reason:
                 answer.finish_reason = reason
                 return
-            logits = self.backend.decode(token)
             self.cached.append(token)
+            pick = answer.sampler.pick(logits)
+
+    def _decode_ahead(self, answer: _Answer, pick: Pick) -> torch.Tensor | None:
+        """Queue the decode of the picked token unless it cannot be needed: the answer's last token, or no room."""
+        last = answer.max_tokens is not None and answer.generated + 1 >= answer.max_tokens
+        if last or self.backend.position >= self.backend.context_length:
+            return None
+        return self.backend.decode(pick.token)
 
     def _prefill(self, answer: _Answer) -> torch.Tensor:
         """Rewind to the longest cached prefix of the prompt and prefill the rest (at least one token)."""
@@ -216,7 +232,8 @@ class Generator:
         return logits
 
     def _timestamp(self, answer: _Answer) -> None:
-        answer.last_token = _clock(self.backend.device)
+        """When a token reached the host (without waiting for the step queued behind it)."""
+        answer.last_token = time.perf_counter()
         if not answer.sampled:
             answer.first_token = answer.last_token
         answer.sampled += 1
@@ -226,12 +243,13 @@ class Generator:
             return "stop"
         if answer.max_tokens is not None and answer.generated >= answer.max_tokens:
             return "length"
-        if self.backend.position >= self.backend.context_length:
+        if len(self.cached) >= self.backend.context_length:  # the answer's last token would not fit
             return "context"
         return None
 
     def _resync(self) -> None:
-        """Trust only cached tokens whose backend call completed (after Ctrl+C, or a rewind by someone else)."""
+        """Trust only cached tokens whose backend call completed, and forget a step queued for a token that
+        ended the answer (after Ctrl+C, at the end of an answer, or after a rewind by someone else)."""
         keep = min(self.backend.position, len(self.cached))
         if keep != self.backend.position:
             self.backend.rewind(keep)

@@ -164,7 +164,7 @@ class MegakernelBackend(TritonBackend):
         compile_megakernel(self.model, self.k_cache, self.v_cache, self.rope_cos, self.rope_sin, self.step_ids,
                            workspace, prepare(self.model, config, workspace))
 
-    def decode(self, token: int) -> Tensor:
+    def decode(self, token: int | Tensor) -> Tensor:
         self._raise_on_error()
         return super().decode(token)
 

@@ -29,16 +29,16 @@ class ReferenceBackend:
         check_prompt_fits(self, len(tokens))
         return self._run(tokens)
 
-    def decode(self, token: int) -> torch.Tensor:
+    def decode(self, token: int | torch.Tensor) -> torch.Tensor:
         check_room_for_token(self)
-        return self._run([token])
+        return self._run(token.view(1) if isinstance(token, torch.Tensor) else [token])
 
     def rewind(self, position: int) -> None:
         check_rewind(self, position)
         self.position = position  # later tokens are overwritten before they are read again
 
-    def _run(self, tokens: Sequence[int]) -> torch.Tensor:
-        ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
+    def _run(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device)
         logits = self.model.forward(ids, self.position, last_only=True)  # runs under inference_mode
         self.position += len(tokens)
         return logits[0].clone()  # a normal tensor: samplers may edit it in place

@@ -2,8 +2,9 @@
 
 The filters follow transformers' semantics and order (repetition penalty,
 then temperature, top-k, top-p, min-p) so a model behaves here as its model
-card describes. Everything runs on the logits' device: greedy decoding copies
-only the chosen id to the host.
+card describes. Everything runs on the logits' device and nothing waits for the
+host: the chosen id travels to the host on its own (``Pick``), so the generation
+loop can queue the step that reads it first.
 """
 
 from __future__ import annotations
@@ -139,28 +140,52 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
 }
 
 
-def apply_repetition_penalty(
-    logits: torch.Tensor, previous_tokens: Sequence[int], params: SamplingParams
-) -> torch.Tensor:
-    """Penalize each distinct recent token once: positive logits divided, negative multiplied."""
-    window = _recent(previous_tokens, params.repeat_last_n)
-    if params.repeat_penalty == 1.0 or not window:
+def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor | Sequence[int], penalty: float) -> torch.Tensor:
+    """Penalize each distinct token of ``ids`` once: positive logits divided, negative multiplied.
+
+    An id equal to the vocabulary size is an empty slot (``RecentTokens``) and changes nothing. A token
+    repeated in ``ids`` writes the same penalized value twice, so repeats need no deduplication (which
+    would need the host to see the tokens).
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long, device=logits.device)
+    if penalty == 1.0 or ids.numel() == 0:
         return logits
-    distinct = sorted({t for t in window if 0 <= t < logits.shape[-1]})
-    ids = torch.tensor(distinct, dtype=torch.long, device=logits.device)
-    chosen = logits[ids]
-    penalized = torch.where(chosen < 0, chosen * params.repeat_penalty, chosen / params.repeat_penalty)
-    return logits.index_put((ids,), penalized)
+    padded = torch.cat([logits, logits.new_zeros(1)])  # the empty slots' scratch logit
+    chosen = padded[ids]
+    return padded.index_put((ids,), torch.where(chosen < 0, chosen * penalty, chosen / penalty))[:-1]
 
 
-def _recent(tokens: Sequence[int], last_n: int) -> Sequence[int]:
-    if last_n == 0:
-        return ()
-    return tokens if last_n == -1 else tokens[-last_n:]
+class RecentTokens:
+    """The last ``last_n`` tokens (-1: the whole ``capacity``-token context) on the device, for the penalty.
+
+    The prompt comes from the host once; every picked token is written on the device, so
+    choosing the next token never waits for the host to learn the last one. The penalty needs
+    the set, not the order, so a ring of slots serves; empty slots hold the vocabulary size.
+    Fixed shapes and device-side counting: the writes can be captured in a CUDA graph.
+    """
+
+    def __init__(self, last_n: int, prompt: Sequence[int], vocab: int, capacity: int, device: torch.device):
+        window = list(prompt) if last_n == -1 else list(prompt)[-last_n:] if last_n > 0 else []
+        known = [t for t in window if 0 <= t < vocab]  # an id outside the vocabulary has no logit to penalize
+        size = max(capacity, len(known)) if last_n == -1 else last_n
+        self.ids = torch.full((max(size, 1),), vocab, dtype=torch.long, device=device)
+        self.ids[:len(known)] = torch.tensor(known, dtype=torch.long)
+        self.count = torch.tensor(len(known), dtype=torch.long, device=device)  # tokens written so far
+        self.size = size
+
+    def append(self, token: torch.Tensor) -> None:
+        """A token [1] that only the device knows yet (nothing to keep with ``last_n`` 0)."""
+        if self.size:
+            self.ids.index_copy_(0, (self.count % self.size).view(1), token)
+            self.count += 1
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, then top-k, top-p and min-p; removed tokens become -inf, kept ones keep their value."""
+    """Temperature, then top-k, top-p and min-p; removed tokens become -inf, kept ones keep their value.
+
+    The reference: transformers' warpers one by one over the whole vocabulary. Sampling runs
+    ``candidates``, the same filters on a short sorted list, which the tests hold to this.
+    """
     if params.temperature > 0:
         logits = logits / params.temperature
     if params.top_k > 0:
@@ -172,6 +197,27 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def candidates(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens ``filter_logits`` keeps, as (filtered values, ids) sorted by value, largest first; removed ones -inf.
+
+    The same filters on a short list instead of the whole vocabulary: with top-k, the 2k largest
+    scaled logits (so up to k ties at the k-th place stay, as ``filter_logits`` keeps them), else
+    the whole sorted vocabulary. A draw from their softmax is a draw from ``filter_logits``'.
+    """
+    scaled = logits / params.temperature if params.temperature > 0 else logits
+    vocab = scaled.shape[-1]
+    if 0 < params.top_k < vocab:
+        values, ids = torch.topk(scaled, min(2 * params.top_k, vocab))
+        values = values.masked_fill(values < values[params.top_k - 1], -math.inf)
+    else:
+        values, ids = torch.sort(scaled, descending=True)
+    if params.top_p < 1.0:
+        values = values.masked_fill(_top_p_drops(values.flip(0), params.top_p).flip(0), -math.inf)
+    if params.min_p > 0:
+        values = _min_p(values, params.min_p)
+    return values, ids
+
+
 def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits (and any tied with the k-th)."""
     kth_largest = torch.topk(logits, min(k, logits.shape[-1])).values[-1]
@@ -179,17 +225,22 @@ def _top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the most probable tokens until the ones kept so far hold at least ``top_p`` of the mass.
+    """Keep the most probable tokens until the ones kept so far hold at least ``top_p`` of the mass."""
+    ascending, order = torch.sort(logits)
+    drop = torch.empty_like(ascending, dtype=torch.bool).scatter_(0, order, _top_p_drops(ascending, top_p))
+    return logits.masked_fill(drop, -math.inf)
+
+
+def _top_p_drops(ascending: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which of these logits (sorted ascending) top-p removes.
 
     A token goes when the tokens less probable than it, itself included, hold at most 1 - top_p;
     the most probable token always stays.
     """
-    ascending, order = torch.sort(logits)
     mass_up_to = torch.softmax(ascending, dim=-1).cumsum(dim=-1)
-    drop_sorted = mass_up_to <= 1 - top_p
-    drop_sorted[-1] = False
-    drop = torch.empty_like(drop_sorted).scatter_(0, order, drop_sorted)
-    return logits.masked_fill(drop, -math.inf)
+    drop = mass_up_to <= 1 - top_p
+    drop[-1] = False
+    return drop
 
 
 def _min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
@@ -202,19 +253,82 @@ def _min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, -math.inf)
 
 
+class Pick:
+    """A token chosen on the device and on its way to the host; ``value()`` waits for that copy alone.
+
+    The step that reads the token can be queued before the host has it (``Generator``). ``token``
+    may be a captured graph's output, valid until the next pick of the same sampler is queued.
+    """
+
+    def __init__(self, token: torch.Tensor):
+        self.token = token  # int64 [1] on the logits' device
+        self._ready = None
+        self._host = token
+        if token.device.type == "cuda":
+            self._host = torch.empty(1, dtype=torch.long, pin_memory=True)
+            self._host.copy_(token, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def value(self) -> int:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return int(self._host[0])
+
+
 class Sampler:
-    """Picks tokens for one answer; a fixed seed gives the same tokens for the same logits."""
+    """Picks tokens for one answer on the logits' device; a fixed seed gives the same tokens for the same logits.
 
-    def __init__(self, params: SamplingParams):
+    ``previous_tokens`` (the prompt) and every picked token feed the repetition penalty, whose
+    window with ``repeat_last_n`` -1 is the whole ``capacity``-token context. Nothing reads a value
+    back to the host. On CUDA the choice (penalty, filters, draw, history: some thirty small
+    launches) is captured as one graph at the second pick and replayed after, so the host
+    queues a token in a few launches and stays ahead of the GPU.
+    """
+
+    def __init__(self, params: SamplingParams, previous_tokens: Sequence[int] = (), capacity: int = 0):
         self.params = params
+        self._previous = list(previous_tokens)
+        self._capacity = capacity
         self._generator: torch.Generator | None = None
+        self._recent: RecentTokens | None = None
+        self._logits = self._uniform = self._token = None  # the choice's fixed inputs and output
+        self._graph: torch.cuda.CUDAGraph | None = None
 
-    def sample(self, logits: torch.Tensor, previous_tokens: Sequence[int]) -> int:
-        logits = apply_repetition_penalty(logits.float(), previous_tokens, self.params)
+    def pick(self, logits: torch.Tensor) -> Pick:
+        if self._recent is None:
+            self._start(logits)
+        self._logits.copy_(logits)
+        if not self.params.greedy:
+            self._uniform.uniform_(generator=self._rng(logits.device))
+        if self._graph is not None:
+            self._graph.replay()
+        elif self._token is not None and logits.device.type == "cuda":  # the eager choice ran once: capture it
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._token = self._choose()
+            self._graph.replay()
+        else:
+            self._token = self._choose()
+        return Pick(self._token)
+
+    def _start(self, logits: torch.Tensor) -> None:
+        vocab, device = logits.shape[-1], logits.device
+        self._recent = RecentTokens(self.params.repeat_last_n if self.params.repeat_penalty != 1.0 else 0,
+                                    self._previous, vocab, self._capacity, device)
+        self._logits = torch.empty(vocab, dtype=torch.float32, device=device)
+        self._uniform = torch.zeros(1, dtype=torch.float32, device=device)
+
+    def _choose(self) -> torch.Tensor:
+        """The token [1] for the logits in ``self._logits``: fixed shapes, no host reads (capturable)."""
+        logits = apply_repetition_penalty(self._logits, self._recent.ids, self.params.repeat_penalty)
         if self.params.greedy:
-            return int(torch.argmax(logits))
-        probs = torch.softmax(filter_logits(logits, self.params), dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._rng(logits.device)))
+            token = torch.argmax(logits).view(1)
+        else:
+            values, ids = candidates(logits, self.params)
+            token = ids[draw(values, self._uniform)]
+        self._recent.append(token)
+        return token
 
     def _rng(self, device: torch.device) -> torch.Generator:
         """One generator per answer, on the logits' device, seeded once."""
@@ -225,3 +339,15 @@ class Sampler:
             else:
                 self._generator.manual_seed(self.params.seed)
         return self._generator
+
+
+def draw(values: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Index [1] drawn from softmax(values) by inverting its CDF at ``uniform`` [1] in [0, 1).
+
+    ``values`` sorted largest first, removed ones -inf (so the kept ones are a prefix): one uniform
+    number per token, and the result never lands on a removed token even where rounding puts the
+    point at the end of the CDF.
+    """
+    cdf = torch.softmax(values, dim=-1).cumsum(dim=-1)
+    index = torch.searchsorted(cdf, uniform * cdf[-1], right=True)
+    return torch.minimum(index, torch.isfinite(values).sum() - 1)

@@ -176,7 +176,7 @@ class TritonBackend:
         self.logits.copy_(self._head(last))
         return self.logits.clone()
 
-    def decode(self, token: int) -> Tensor:
+    def decode(self, token: int | Tensor) -> Tensor:
         self._set_step(token)
         if not self.use_graph:
             self._decode_step()
@@ -196,15 +196,19 @@ class TritonBackend:
             self._set_step(0)
             self._capture()
 
-    def _set_step(self, token: int) -> None:
+    def _set_step(self, token: int | Tensor) -> None:
         """Queue ``step_ids`` = (token, length with it) for a step at the current position, which does not move.
 
         From pinned memory without blocking: the host queues the replay while the GPU still runs the last step
-        (torch keeps the pinned block until the copy has run).
+        (torch keeps the pinned block until the copy has run). A token on the device is copied there.
         """
         check_room_for_token(self)
-        ids = torch.tensor([token, self.position + 1], dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        on_device = isinstance(token, Tensor)
+        ids = torch.tensor([0 if on_device else token, self.position + 1], dtype=torch.int32,
+                           pin_memory=self.device.type == "cuda")
         self.step_ids.copy_(ids, non_blocking=True)
+        if on_device:
+            self.step_ids[:1].copy_(token)
 
     def rewind(self, position: int) -> None:
         check_rewind(self, position)

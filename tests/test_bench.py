@@ -146,11 +146,14 @@ def test_ratios_and_tables_from_a_report():
         return [{"context": 128, "ms_per_token": ms, "tok_per_s": 1e3 / ms, "bytes_per_token": 6.7e8,
                  "roofline_ms": 0.2, "pct_roofline": 20 / ms}]
 
+    def answers(greedy, sampled):
+        return [{"sampling": "greedy", "tok_per_s": greedy}, {"sampling": "sampled", "tok_per_s": sampled}]
+
     backends = [
         {"name": "reference", "decode": rows(4.0), "prefill": {"ms": 30.0, "tok_per_s": 1e4, "ttft_ms": 31.0},
-         "setup_s": 1.0},
+         "generate": answers(210.0, 190.0), "setup_s": 1.0},
         {"name": BASELINE, "decode": rows(1.0), "prefill": {"ms": 60.0, "tok_per_s": 5e3, "ttft_ms": 61.0},
-         "setup_s": 40.0},
+         "generate": answers(870.0, 640.0), "setup_s": 40.0},
     ]
     _add_ratios(backends)
     assert backends[0]["decode"][0]["vs_baseline"] == 0.25 and backends[0]["prefill"]["vs_baseline"] == 2.0
@@ -165,6 +168,7 @@ def test_ratios_and_tables_from_a_report():
         console.print(table)
     text = console.export_text()
     assert "Some GPU" in text and "0.25x" in text and "2.00x" in text and "failed: out of GPU memory" in text
+    assert "870" in text and "640" in text and "1000 (context 128)" in text  # the loop beside the GPU's rate
 
 
 def test_bench_without_a_gpu_is_a_one_line_error():

@@ -58,6 +58,7 @@ class ScriptedBackend:
         return self._logits()
 
     def decode(self, token):
+        token = int(token)  # a picked token arrives as a tensor; this stand-in has no queue to put it in
         self.calls.append(("decode", token))
         assert self.position < self.context_length, "decoded past the context"
         self.tokens.append(token)  # the cache is written before the interrupt: the worst case
@@ -124,18 +125,22 @@ def test_eos_stops_and_is_not_printed(make, tokenizer, eos):
     assert completion.finish_reason == "stop"
     assert completion.completion_tokens == len(tokenizer.encode("Hello there!"))
     assert completion.prompt_tokens == len(prompt)
-    assert backend.decodes == completion.completion_tokens  # the eos came from the last decode's logits
+    # the eos came from the last decode's logits; the step queued for it before the host saw it is forgotten
+    assert backend.decodes == completion.completion_tokens + 1
+    assert backend.tokens == generator.cached == prompt + tokenizer.encode("Hello there!")
 
 
 def test_stop_string_spanning_tokens_cuts_exactly(make, tokenizer):
     generator, backend = make()
-    pieces, completion = run(generator, tokenizer.encode("Q:"), stop=["France is"])
+    prompt = tokenizer.encode("Q:")
+    pieces, completion = run(generator, prompt, stop=["France is"])
     assert completion.text == "The capital of "
     assert completion.finish_reason == "stop"
     assert not any("Fr" in piece for piece in pieces)
-    # ' is' completed the stop string: nothing was decoded after it was chosen
+    # ' is' completed the stop string: the step queued for it ran, and the cache forgot it
     assert completion.completion_tokens == len(tokenizer.encode("The capital of France is"))
-    assert backend.decodes == completion.completion_tokens - 1
+    assert backend.decodes == completion.completion_tokens
+    assert backend.position == len(generator.cached) == len(prompt) + completion.completion_tokens - 1
 
 
 def test_false_start_is_held_back_then_released(make, tokenizer):
@@ -251,13 +256,13 @@ def test_cache_reset_by_someone_else_is_noticed(make, tokenizer):
 
 
 def test_interrupt_ends_the_answer_cleanly(make, tokenizer):
-    generator, backend = make(interrupt_at_decode=3)
+    generator, backend = make(interrupt_at_decode=3)  # queuing the third token's step, before it is shown
     prompt = tokenizer.encode("Q:")
     pieces, completion = run(generator, prompt)
     answer = tokenizer.encode(TEXT)
     assert completion.finish_reason == "interrupted"
-    assert completion.text == tokenizer.decode(answer[:3])
-    assert completion.completion_tokens == 3
+    assert completion.text == tokenizer.decode(answer[:2])
+    assert completion.completion_tokens == 2
     # the interrupted decode of the third token is not trusted: cache and bookkeeping agree
     assert backend.position == len(generator.cached) == len(prompt) + 2
     assert generator.cached == backend.tokens == prompt + answer[:2]
@@ -270,7 +275,7 @@ def test_interrupt_ends_the_answer_cleanly(make, tokenizer):
 
 
 def test_interrupt_shows_text_held_back_for_a_stop_string(make, tokenizer):
-    generator, _ = make(interrupt_at_decode=2)  # "The", " capital" chosen, interrupted decoding " capital"
+    generator, _ = make(interrupt_at_decode=3)  # "The", " capital" shown, interrupted queuing the third
     _, completion = run(generator, tokenizer.encode("Q:"), stop=["capital city"])
     assert (completion.finish_reason, completion.text) == ("interrupted", "The capital")
 
@@ -321,7 +326,8 @@ def test_timings_follow_the_clock(make, tokenizer, monkeypatch):
     monkeypatch.setattr("ffchat.generate.time", SimpleNamespace(perf_counter=lambda: backend.clock))
     prompt = tokenizer.encode("Hello there! How are you today?")
     _, completion = run(generator, prompt)
-    assert completion.ttft_s == pytest.approx(backend.prefill_s)
+    # the stand-in runs a queued step at once, so the first token reaches the host after its step
+    assert completion.ttft_s == pytest.approx(backend.prefill_s + backend.decode_s)
     assert completion.prefill_tokens_per_s == pytest.approx(len(prompt) / backend.prefill_s)
     assert completion.decode_tokens_per_s == pytest.approx(1 / backend.decode_s)
 
@@ -330,15 +336,16 @@ def test_timings_follow_the_clock(make, tokenizer, monkeypatch):
     assert again.prefill_tokens_per_s == pytest.approx(len(new) / backend.prefill_s)  # only what was prefilled
 
 
-def test_cuda_clock_synchronizes_first(make, tokenizer, monkeypatch):
-    """On CUDA the clock must wait for queued kernels, or TTFT and tok/s measure launches."""
+def test_cuda_clock_waits_for_the_prefill_but_not_per_token(make, tokenizer, monkeypatch):
+    """TTFT and prefill tok/s must not measure launches, so the prefill is waited for; a wait per token
+    would stall the step queued behind it, so tokens are timed as they reach the host."""
     synced = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
     generator, backend = make("Paris.")
     backend.device = torch.device("cuda", 0)  # the fake's logits stay on the CPU
     _, completion = run(generator, tokenizer.encode("Q:"))
-    assert len(synced) == 2 + completion.completion_tokens + 1  # start, prefill, every choice incl. eos
-    assert set(synced) == {torch.device("cuda", 0)}
+    assert completion.completion_tokens > 1
+    assert synced == [torch.device("cuda", 0)] * 2  # start, prefill
 
 
 @pytest.mark.gpu
@@ -351,6 +358,25 @@ def test_generation_with_logits_on_the_gpu(make, tokenizer, params):
     backend._logits = lambda: cpu_logits().to(backend.device)
     _, completion = run(generator, tokenizer.encode("Q:"), **params)
     assert (completion.text, completion.finish_reason) == (TEXT, "stop")
+
+
+def test_queued_steps_answer_like_one_step_at_a_time(tiny_model_dir):
+    """The loop queues each token's step before the host reads the token: the answer is a plain loop's."""
+    from ffchat.model import load_model
+    from ffchat.reference_backend import ReferenceBackend
+
+    model_dir = tiny_model_dir("llama")
+    tokenizer = Tokenizer.from_dir(model_dir)
+    prompt = tokenizer.encode("The capital of")
+    backend = ReferenceBackend(load_model(model_dir, max_seq_len=256))
+    logits, expected = backend.prefill(prompt), []
+    while len(expected) < 12 and int(logits.argmax()) not in tokenizer.eos_token_ids:
+        expected.append(int(logits.argmax()))
+        logits = backend.decode(expected[-1])
+    backend.rewind(0)
+    _, completion = run(Generator(backend, tokenizer), prompt, max_tokens=12)
+    assert completion.completion_tokens == len(expected) > 1
+    assert completion.text == tokenizer.decode(expected)
 
 
 def test_reused_cache_answers_like_a_fresh_one(tiny_model_dir):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -13,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from ffchat.errors import FfchatError
-from ffchat.sampling import Sampler, SamplingParams, apply_repetition_penalty, filter_logits
+from ffchat.sampling import RecentTokens, Sampler, SamplingParams, apply_repetition_penalty, candidates, filter_logits
 
 
 def random_logits(vocab: int, seed: int, scale: float = 3.0) -> torch.Tensor:
@@ -67,6 +69,33 @@ def test_filter_logits_matches_transformers(settings, vocab):
         assert torch.isfinite(ours).any()
 
 
+def candidate_filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """``candidates`` scattered back over the vocabulary, -inf where a token is not a candidate."""
+    values, ids = candidates(logits, params)
+    return torch.full_like(logits, -torch.inf).scatter(0, ids, values)
+
+
+@pytest.mark.parametrize("settings", FILTER_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("vocab", [17, 1000, 32000])
+def test_candidates_keep_what_filter_logits_keeps(settings, vocab):
+    """Sampling draws from the short sorted list; it must hold exactly the tokens and values of the reference."""
+    params = SamplingParams(**settings)
+    for seed in range(4):
+        logits = random_logits(vocab, seed)
+        values, _ = candidates(logits, params)
+        assert torch.equal(values, values.sort(descending=True).values), "candidates are not sorted"
+        assert torch.equal(candidate_filter(logits, params), filter_logits(logits, params)), f"seed {seed}"
+
+
+def test_candidates_keep_ties_at_the_kth_place_as_transformers_does():
+    """bf16 logits tie often: every token tied with the k-th stays, as in the reference (up to k of them)."""
+    logits = torch.tensor([5.0, 4.0, 3.0, 3.0, 3.0, 1.0, 0.5, 0.0])
+    params = SamplingParams(temperature=1.0, top_k=3, top_p=1.0)
+    kept = torch.isfinite(candidate_filter(logits, params))
+    assert kept.tolist() == [True] * 5 + [False] * 3
+    assert torch.equal(kept, torch.isfinite(transformers_filter(logits, params)))
+
+
 def test_filter_logits_really_filters():
     """Guard against a comparison that passes because neither side removes anything."""
     params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, min_p=0.05)
@@ -98,21 +127,49 @@ def test_repetition_penalty_matches_transformers(penalty, last_n):
     params = SamplingParams(repeat_penalty=penalty, repeat_last_n=last_n)
     window = previous if last_n == -1 else previous[-last_n:]
     expected = RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([window]), logits[None].clone())[0]
-    assert torch.equal(apply_repetition_penalty(logits, previous, params), expected)
+    assert torch.equal(penalized(logits, previous, params), expected)
+
+
+def penalized(logits: torch.Tensor, previous: list[int], params: SamplingParams,
+              picked: tuple[int, ...] = ()) -> torch.Tensor:
+    """The penalty as a Sampler applies it: ``previous`` from the host, then ``picked`` as the device learns them."""
+    recent = RecentTokens(params.repeat_last_n, previous, logits.shape[-1], len(previous) + len(picked),
+                          logits.device)
+    for token in picked:
+        recent.append(torch.tensor([token], device=logits.device))
+    return apply_repetition_penalty(logits, recent.ids, params.repeat_penalty)
+
+
+@pytest.mark.parametrize("last_n", [-1, 64, 5, 0])
+def test_tokens_picked_on_the_device_join_the_window(last_n):
+    """The ring of recent tokens wraps as picked tokens arrive: the window stays the last n (-1: all of them)."""
+    logits = random_logits(300, 8)
+    params = SamplingParams(repeat_penalty=1.3, repeat_last_n=last_n)
+    history = torch.randint(0, 300, (150,), generator=torch.Generator().manual_seed(4)).tolist()
+    prompt, picked = history[:40], tuple(history[40:])
+    window = [] if last_n == 0 else history if last_n == -1 else history[-last_n:]
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([window]), logits[None].clone())[0] \
+        if window else logits
+    assert torch.equal(penalized(logits, prompt, params, picked), expected)
+
+
+def test_prompt_ids_outside_the_vocabulary_are_not_penalized():
+    logits = torch.tensor([2.0, -2.0, 2.0])
+    params = SamplingParams(repeat_penalty=2.0, repeat_last_n=4)
+    assert penalized(logits, [7, 1, -1, 2], params).tolist() == [2.0, -4.0, 1.0]
 
 
 def test_repetition_penalty_off():
     logits = random_logits(50, 2)
     for params in (SamplingParams(repeat_penalty=1.0), SamplingParams(repeat_last_n=0)):
-        assert torch.equal(apply_repetition_penalty(logits, [1, 2, 3], params), logits)
-    assert torch.equal(apply_repetition_penalty(logits, [], SamplingParams()), logits)
+        assert torch.equal(penalized(logits, [1, 2, 3], params), logits)
+    assert torch.equal(penalized(logits, [], SamplingParams()), logits)
 
 
 def test_repetition_penalty_only_touches_the_window():
     logits = torch.tensor([2.0, -2.0, 2.0, -2.0])
     params = SamplingParams(repeat_penalty=2.0, repeat_last_n=2)
-    penalized = apply_repetition_penalty(logits, [0, 1, 2, 3, 1, 2], params)
-    assert penalized.tolist() == [2.0, -4.0, 1.0, -2.0]
+    assert penalized(logits, [0, 1, 2, 3, 1, 2], params).tolist() == [2.0, -4.0, 1.0, -2.0]
     assert logits.tolist() == [2.0, -2.0, 2.0, -2.0]
 
 
@@ -120,18 +177,32 @@ def test_greedy_is_argmax():
     sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=1.0))
     for seed in range(5):
         logits = random_logits(1000, seed)
-        assert sampler.sample(logits, []) == int(logits.argmax())
+        assert sampler.pick(logits).value() == int(logits.argmax())
 
 
 def test_greedy_applies_the_repetition_penalty_first():
     logits = torch.tensor([0.0, 3.0, 2.5, 1.0])
-    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.0)).sample(logits, [1]) == 1
-    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.5)).sample(logits, [1]) == 2
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.0), [1]).pick(logits).value() == 1
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.5), [1]).pick(logits).value() == 2
+
+
+# On CUDA the second pick captures the choice as a graph and later ones replay it: both paths are tested.
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_picked_token_is_penalized_at_the_next_pick(device):
+    """The device records its own picks: the second greedy pick avoids the first without the host telling it."""
+    sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=100.0, repeat_last_n=64))
+    logits = torch.tensor([0.2, 3.0, 2.5, 1.0, 0.5], device=device)
+    assert [sampler.pick(logits).value() for _ in range(5)] == [1, 2, 3, 4, 0]
 
 
 def draws(params: SamplingParams, logits: torch.Tensor, count: int) -> list[int]:
-    sampler = Sampler(params)
-    return [sampler.sample(logits, []) for _ in range(count)]
+    """``count`` picks from the same logits, the repetition penalty off so every draw sees them unchanged."""
+    sampler = Sampler(replace(params, repeat_penalty=1.0))
+    return [sampler.pick(logits).value() for _ in range(count)]
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens():
@@ -149,10 +220,11 @@ def test_no_seed_is_random():
     assert draws(params, logits, 50) != draws(params, logits, 50)
 
 
-def test_sampled_frequencies_follow_the_filtered_distribution():
-    logits = torch.tensor([2.0, 1.6, 1.5, 0.9, 0.3, -0.5, -1.0, -3.0])
+@pytest.mark.parametrize("device", DEVICES)
+def test_sampled_frequencies_follow_the_filtered_distribution(device):
+    logits = torch.tensor([2.0, 1.6, 1.5, 0.9, 0.3, -0.5, -1.0, -3.0], device=device)
     params = SamplingParams(temperature=0.7, top_k=6, top_p=0.95, min_p=0.03, repeat_penalty=1.0, seed=7)
-    expected = torch.softmax(filter_logits(logits, params), dim=-1)
+    expected = torch.softmax(filter_logits(logits, params), dim=-1).cpu()
     kept = expected > 0
     assert 2 < kept.sum() < 6  # the filters removed something and left a choice
 
@@ -270,6 +342,7 @@ def test_sampling_stays_on_the_gpu():
     assert torch.equal(filtered, transformers_filter(logits, params))
     previous = list(range(0, 3000, 7))
     expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([previous[-64:]]).cuda(), logits[None].clone())[0]
-    assert torch.equal(apply_repetition_penalty(logits, previous, params), expected)
+    assert torch.equal(penalized(logits, previous, params), expected)
     assert draws(params, logits, 30) == draws(params, logits, 30)
-    assert Sampler(SamplingParams(temperature=0)).sample(logits, []) == int(logits.argmax())
+    assert Sampler(SamplingParams(temperature=0)).pick(logits).value() == int(logits.argmax())
+    assert torch.equal(candidate_filter(logits, params), filtered)

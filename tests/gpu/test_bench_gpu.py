@@ -81,4 +81,7 @@ def test_bench_json_has_every_field(tmp_path):
                 assert math.isfinite(row[key]) and row[key] > 0, (backend["name"], key)
         for key in ("ms", "tok_per_s", "ttft_ms", "vs_baseline"):
             assert backend["prefill"][key] > 0
+        assert [row["sampling"] for row in backend["generate"]] == ["greedy", "sampled"]
+        for row in backend["generate"]:  # random weights and a silent tokenizer: no answer ends early
+            assert (row["tokens"], row["finish_reason"]) == (20, "length") and row["tok_per_s"] > 0
     assert report["backends"][1]["details"]["cuda_graphs"] is True
