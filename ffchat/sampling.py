@@ -239,7 +239,7 @@ def _top_p_drops(ascending: torch.Tensor, top_p: float) -> torch.Tensor:
     """
     mass_up_to = torch.softmax(ascending, dim=-1).cumsum(dim=-1)
     drop = mass_up_to <= 1 - top_p
-    drop[-1] = False
+    drop[-1:].fill_(False)  # not `drop[-1] = False`: that copies from the host, which a CUDA graph cannot capture
     return drop
 
 
