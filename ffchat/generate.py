@@ -16,7 +16,7 @@ import torch
 
 from ffchat.backend import Backend
 from ffchat.errors import FfchatError
-from ffchat.sampling import Pick, Sampler, SamplingParams
+from ffchat.sampling import Choices, Pick, Sampler, SamplingParams
 
 if TYPE_CHECKING:
     from ffchat.tokenizer import StreamDecoder, Tokenizer
@@ -96,10 +96,10 @@ class _Answer:
     """The state of one answer while it is generated."""
 
     def __init__(self, prompt: list[int], params: SamplingParams, decoder: StreamDecoder, stops: Sequence[str],
-                 context_length: int):
+                 context_length: int, choices: Choices):
         self.prompt_length = len(prompt)
         self.tokens = list(prompt)  # prompt then answer: the repetition penalty looks at both
-        self.sampler = Sampler(params, prompt, capacity=context_length)
+        self.sampler = Sampler(params, prompt, capacity=context_length, choices=choices)
         self.max_tokens = params.max_tokens
         self.decoder = decoder
         self.stops = StopStrings([*params.stop, *stops])
@@ -144,6 +144,7 @@ class Generator:
         self.backend = backend
         self.tokenizer = tokenizer
         self.cached: list[int] = []  # the tokens in the backend's KV cache, in order
+        self.choices = Choices()  # the sampler's device work, captured once per setting across answers
         self.last: Completion | None = None
 
     def stream(self, prompt_tokens: Sequence[int], params: SamplingParams, stop: Sequence[str] = ()) -> Iterator[str]:
@@ -157,7 +158,8 @@ class Generator:
         self.last = None
         prompt = list(prompt_tokens)
         self._check_prompt(prompt)
-        answer = _Answer(prompt, params, StreamDecoder(self.tokenizer), stop, self.backend.context_length)
+        answer = _Answer(prompt, params, StreamDecoder(self.tokenizer), stop, self.backend.context_length,
+                         self.choices)
         try:
             yield from self._generate(answer)
             self._resync()  # forget the step queued for the token that ended the answer

@@ -158,20 +158,27 @@ def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor | Sequence[
 class RecentTokens:
     """The last ``last_n`` tokens (-1: the whole ``capacity``-token context) on the device, for the penalty.
 
-    The prompt comes from the host once; every picked token is written on the device, so
-    choosing the next token never waits for the host to learn the last one. The penalty needs
-    the set, not the order, so a ring of slots serves; empty slots hold the vocabulary size.
+    An answer's prompt comes from the host once (``reset``); every picked token is written on the
+    device, so choosing the next token never waits for the host to learn the last one. The penalty
+    needs the set, not the order, so a ring of slots serves; empty slots hold the vocabulary size.
     Fixed shapes and device-side counting: the writes can be captured in a CUDA graph.
     """
 
-    def __init__(self, last_n: int, prompt: Sequence[int], vocab: int, capacity: int, device: torch.device):
-        window = list(prompt) if last_n == -1 else list(prompt)[-last_n:] if last_n > 0 else []
-        known = [t for t in window if 0 <= t < vocab]  # an id outside the vocabulary has no logit to penalize
-        size = max(capacity, len(known)) if last_n == -1 else last_n
-        self.ids = torch.full((max(size, 1),), vocab, dtype=torch.long, device=device)
+    def __init__(self, last_n: int, vocab: int, capacity: int, device: torch.device):
+        self.last_n, self.vocab = last_n, vocab
+        self.size = capacity if last_n == -1 else last_n
+        self.ids = torch.full((max(self.size, 1),), vocab, dtype=torch.long, device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=device)  # tokens written so far
+
+    def reset(self, prompt: Sequence[int]) -> None:
+        """Forget every token, then hold the window of ``prompt`` (which fits the capacity: it is in the context)."""
+        window = list(prompt) if self.last_n == -1 else list(prompt)[-self.last_n:] if self.last_n > 0 else []
+        known = [t for t in window if 0 <= t < self.vocab]  # an id outside the vocabulary has no logit to penalize
+        if len(known) > self.size:
+            raise ValueError(f"{len(known)} prompt tokens do not fit the {self.size} recent-token slots")
+        self.ids.fill_(self.vocab)
         self.ids[:len(known)] = torch.tensor(known, dtype=torch.long)
-        self.count = torch.tensor(len(known), dtype=torch.long, device=device)  # tokens written so far
-        self.size = size
+        self.count.fill_(len(known))
 
     def append(self, token: torch.Tensor) -> None:
         """A token [1] that only the device knows yet (nothing to keep with ``last_n`` 0)."""
@@ -276,59 +283,90 @@ class Pick:
         return int(self._host[0])
 
 
-class Sampler:
-    """Picks tokens for one answer on the logits' device; a fixed seed gives the same tokens for the same logits.
+class Choice:
+    """Choosing a token under one sampling setup as fixed-shape device work: repetition penalty, filters,
+    draw, and the pick written into the recent tokens, with no value read back to the host.
 
-    ``previous_tokens`` (the prompt) and every picked token feed the repetition penalty, whose
-    window with ``repeat_last_n`` -1 is the whole ``capacity``-token context. Nothing reads a value
-    back to the host. On CUDA the choice (penalty, filters, draw, history: some thirty small
-    launches) is captured as one graph at the second pick and replayed after, so the host
-    queues a token in a few launches and stays ahead of the GPU.
+    On CUDA those thirty-odd small launches are captured as one graph at the second use and replayed
+    after, so the host queues a token in a few launches and stays ahead of the GPU. A Choice serves
+    every answer with the same settings (``Choices``): only the first answer pays the capture.
     """
 
-    def __init__(self, params: SamplingParams, previous_tokens: Sequence[int] = (), capacity: int = 0):
-        self.params = params
-        self._previous = list(previous_tokens)
-        self._capacity = capacity
-        self._generator: torch.Generator | None = None
-        self._recent: RecentTokens | None = None
-        self._logits = self._uniform = self._token = None  # the choice's fixed inputs and output
-        self._graph: torch.cuda.CUDAGraph | None = None
+    def __init__(self, params: SamplingParams, vocab: int, capacity: int, device: torch.device):
+        self.params = replace(params)  # a copy: a chat's /set edits its params in place, the graph keeps these
+        self.recent = RecentTokens(params.repeat_last_n if params.repeat_penalty != 1.0 else 0, vocab, capacity,
+                                   device)
+        self.logits = torch.empty(vocab, dtype=torch.float32, device=device)  # the graph's fixed input
+        self.uniform = torch.zeros(1, dtype=torch.float32, device=device)
+        self.token: torch.Tensor | None = None  # its output
+        self.graph: torch.cuda.CUDAGraph | None = None
 
-    def pick(self, logits: torch.Tensor) -> Pick:
-        if self._recent is None:
-            self._start(logits)
-        self._logits.copy_(logits)
-        if not self.params.greedy:
-            self._uniform.uniform_(generator=self._rng(logits.device))
-        if self._graph is not None:
-            self._graph.replay()
-        elif self._token is not None and logits.device.type == "cuda":  # the eager choice ran once: capture it
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._token = self._choose()
-            self._graph.replay()
+    def __call__(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The token [1] for ``logits``; ``generator`` draws the uniform number of a sampled (not greedy) pick."""
+        self.logits.copy_(logits)
+        if generator is not None:
+            self.uniform.uniform_(generator=generator)
+        if self.graph is not None:
+            self.graph.replay()
+        elif self.token is not None and logits.device.type == "cuda":  # it ran once eagerly: capture it
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.token = self._choose()
+            self.graph.replay()
         else:
-            self._token = self._choose()
-        return Pick(self._token)
-
-    def _start(self, logits: torch.Tensor) -> None:
-        vocab, device = logits.shape[-1], logits.device
-        self._recent = RecentTokens(self.params.repeat_last_n if self.params.repeat_penalty != 1.0 else 0,
-                                    self._previous, vocab, self._capacity, device)
-        self._logits = torch.empty(vocab, dtype=torch.float32, device=device)
-        self._uniform = torch.zeros(1, dtype=torch.float32, device=device)
+            self.token = self._choose()
+        return self.token
 
     def _choose(self) -> torch.Tensor:
-        """The token [1] for the logits in ``self._logits``: fixed shapes, no host reads (capturable)."""
-        logits = apply_repetition_penalty(self._logits, self._recent.ids, self.params.repeat_penalty)
+        logits = apply_repetition_penalty(self.logits, self.recent.ids, self.params.repeat_penalty)
         if self.params.greedy:
             token = torch.argmax(logits).view(1)
         else:
             values, ids = candidates(logits, self.params)
-            token = ids[draw(values, self._uniform)]
-        self._recent.append(token)
+            token = ids[draw(values, self.uniform)]
+        self.recent.append(token)
         return token
+
+
+class Choices:
+    """The ``Choice`` of each recent sampling setup, kept across answers (each holds a graph and its memory)."""
+
+    def __init__(self, most: int = 4):
+        self.most = most
+        self._by_setup: dict[tuple, Choice] = {}
+
+    def get(self, params: SamplingParams, vocab: int, capacity: int, device: torch.device) -> Choice:
+        setup = (params.temperature, params.top_k, params.top_p, params.min_p, params.repeat_penalty,
+                 params.repeat_last_n, vocab, capacity, device)
+        choice = self._by_setup.pop(setup, None) or Choice(params, vocab, capacity, device)
+        self._by_setup[setup] = choice  # the most recently used last
+        while len(self._by_setup) > self.most:
+            del self._by_setup[next(iter(self._by_setup))]
+        return choice
+
+
+class Sampler:
+    """Picks tokens for one answer on the logits' device; a fixed seed gives the same tokens for the same logits.
+
+    ``previous_tokens`` (the prompt) and every picked token feed the repetition penalty, whose
+    window with ``repeat_last_n`` -1 is the whole ``capacity``-token context. ``choices`` lends the
+    device work of earlier answers with the same settings (a fresh set without it).
+    """
+
+    def __init__(self, params: SamplingParams, previous_tokens: Sequence[int] = (), capacity: int = 0,
+                 choices: Choices | None = None):
+        self.params = params
+        self._previous = list(previous_tokens)
+        self._capacity = capacity
+        self._choices = choices if choices is not None else Choices()
+        self._choice: Choice | None = None
+        self._generator: torch.Generator | None = None
+
+    def pick(self, logits: torch.Tensor) -> Pick:
+        if self._choice is None:
+            self._choice = self._choices.get(self.params, logits.shape[-1], self._capacity, logits.device)
+            self._choice.recent.reset(self._previous)
+        return Pick(self._choice(logits, None if self.params.greedy else self._rng(logits.device)))
 
     def _rng(self, device: torch.device) -> torch.Generator:
         """One generator per answer, on the logits' device, seeded once."""

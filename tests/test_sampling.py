@@ -15,7 +15,7 @@ from transformers.generation.logits_process import (
 )
 
 from ffchat.errors import FfchatError
-from ffchat.sampling import RecentTokens, Sampler, SamplingParams, apply_repetition_penalty, candidates, filter_logits
+from ffchat.sampling import Choices, RecentTokens, Sampler, SamplingParams, apply_repetition_penalty, candidates, filter_logits
 
 
 def random_logits(vocab: int, seed: int, scale: float = 3.0) -> torch.Tensor:
@@ -133,8 +133,8 @@ def test_repetition_penalty_matches_transformers(penalty, last_n):
 def penalized(logits: torch.Tensor, previous: list[int], params: SamplingParams,
               picked: tuple[int, ...] = ()) -> torch.Tensor:
     """The penalty as a Sampler applies it: ``previous`` from the host, then ``picked`` as the device learns them."""
-    recent = RecentTokens(params.repeat_last_n, previous, logits.shape[-1], len(previous) + len(picked),
-                          logits.device)
+    recent = RecentTokens(params.repeat_last_n, logits.shape[-1], len(previous) + len(picked), logits.device)
+    recent.reset(previous)
     for token in picked:
         recent.append(torch.tensor([token], device=logits.device))
     return apply_repetition_penalty(logits, recent.ids, params.repeat_penalty)
@@ -197,6 +197,34 @@ def test_a_picked_token_is_penalized_at_the_next_pick(device):
     sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=100.0, repeat_last_n=64))
     logits = torch.tensor([0.2, 3.0, 2.5, 1.0, 0.5], device=device)
     assert [sampler.pick(logits).value() for _ in range(5)] == [1, 2, 3, 4, 0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_later_answer_reuses_the_choice_and_starts_from_its_own_prompt(device):
+    """Answers with the same settings share one Choice (on CUDA its graph): a later answer's tokens are a fresh
+    sampler's, its penalty window holding its own prompt, not what the earlier answer saw or picked."""
+    logits = random_logits(300, 9, scale=1.0).to(device)
+    params = SamplingParams(temperature=1.0, top_k=20, top_p=0.95, repeat_penalty=3.0, repeat_last_n=16, seed=2)
+    shared = Choices()
+
+    def answer(prompt, choices=None):
+        sampler = Sampler(params, prompt, capacity=64, choices=choices)
+        return [sampler.pick(logits).value() for _ in range(12)]
+
+    answer([int(logits.argmax())] * 4, shared)
+    top = logits.topk(3).indices.tolist()
+    assert answer(top, shared) == answer(top)
+    assert shared.get(params, 300, 64, logits.device) is shared.get(replace(params, seed=7), 300, 64, logits.device)
+    assert shared.get(params, 300, 64, logits.device) is not shared.get(replace(params, top_k=5), 300, 64,
+                                                                           logits.device)
+
+
+def test_choices_keep_the_most_recent_setups():
+    choices = Choices(most=2)
+    first, second, third = (choices.get(SamplingParams(top_k=k), 10, 8, torch.device("cpu")) for k in (1, 2, 3))
+    assert choices.get(SamplingParams(top_k=3), 10, 8, torch.device("cpu")) is third
+    assert choices.get(SamplingParams(top_k=2), 10, 8, torch.device("cpu")) is second
+    assert choices.get(SamplingParams(top_k=1), 10, 8, torch.device("cpu")) is not first  # evicted
 
 
 def draws(params: SamplingParams, logits: torch.Tensor, count: int) -> list[int]:
