@@ -309,9 +309,10 @@ class Choice:
         if self.graph is not None:
             self.graph.replay()
         elif self.token is not None and logits.device.type == "cuda":  # it ran once eagerly: capture it
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.token = self._choose()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                token = self._choose()
+            self.graph, self.token = graph, token  # only once captured whole (Ctrl+C may cut a capture short)
             self.graph.replay()
         else:
             self.token = self._choose()
