@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from rich.console import Console
@@ -34,12 +35,14 @@ from rich.table import Table
 from ffchat import __version__
 from ffchat.backend import Backend
 from ffchat.errors import FfchatError
+from ffchat.generate import Generator
 from ffchat.profiles import profile_for_device
 from ffchat.runtime import TRITON_BACKENDS
-from ffchat.shapes import BenchWeights, random_weights, shape_config, stored_weights
-from ffchat.generate import Generator
 from ffchat.sampling import SamplingParams
-from ffchat.tokenizer import Tokenizer
+from ffchat.shapes import BenchWeights, random_weights, shape_config, stored_weights
+
+if TYPE_CHECKING:
+    from ffchat.tokenizer import Tokenizer
 
 DEVICE = "cuda"
 COPY_BUFFER_BYTES = 1 << 30
@@ -231,6 +234,7 @@ def _tokenizer(options: BenchOptions) -> Tokenizer | SilentTokenizer:
     if not options.model:
         return SilentTokenizer()
     from ffchat.store import Store
+    from ffchat.tokenizer import Tokenizer
 
     return Tokenizer.from_dir(Store().get(options.model).model_dir)
 
@@ -241,7 +245,8 @@ def _roofline(context: int, parts: dict[str, int], bandwidth: float) -> dict:
 
 
 def _measure_backend(name: str, weights: BenchWeights, context_length: int, options: BenchOptions,
-                     tokens: list[int], roofline: list[dict], tokenizer: Tokenizer, steps: _Steps) -> dict:
+                     tokens: list[int], roofline: list[dict], tokenizer: Tokenizer | SilentTokenizer,
+                     steps: _Steps) -> dict:
     """Build one backend, time its decode at every context, the generation loop and its prefill, then free it."""
     result: dict = {"name": name, "about": BACKENDS[name].about}
     backend = None
@@ -355,9 +360,10 @@ def time_decode(backend: Backend, context: int, tokens: list[int], steps: int, w
     return event_times(step, steps)
 
 
-def time_generation(backend: Backend, tokenizer, prompt: list[int], params: SamplingParams, count: int) -> dict:
+def time_generation(backend: Backend, tokenizer: Tokenizer | SilentTokenizer, prompt: list[int],
+                    params: SamplingParams, count: int) -> dict:
     """Tokens per second of ``ffchat run``'s generation loop (host time, everything included) for ``count`` tokens
-    after ``prompt``, with the decode rate of the same answer for comparison; one warm-up answer first."""
+    after ``prompt``, from the answer's own timing; one warm-up answer first."""
     generator = Generator(backend, tokenizer)
     for _ in range(2):
         backend.rewind(0)

@@ -140,15 +140,15 @@ PARSERS: dict[str, Callable[[str, str], Any]] = {
 }
 
 
-def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor | Sequence[int], penalty: float) -> torch.Tensor:
-    """Penalize each distinct token of ``ids`` once: positive logits divided, negative multiplied.
+def apply_repetition_penalty(logits: torch.Tensor, ids: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Penalize each distinct token of ``ids`` (``RecentTokens.ids``) once: positive logits divided, negative
+    multiplied.
 
-    An id equal to the vocabulary size is an empty slot (``RecentTokens``) and changes nothing. A token
-    repeated in ``ids`` writes the same penalized value twice, so repeats need no deduplication (which
-    would need the host to see the tokens).
+    An id equal to the vocabulary size is an empty slot and changes nothing. A token repeated in ``ids``
+    writes the same penalized value twice, so repeats need no deduplication (which would need the host
+    to see the tokens).
     """
-    ids = torch.as_tensor(ids, dtype=torch.long, device=logits.device)
-    if penalty == 1.0 or ids.numel() == 0:
+    if penalty == 1.0:
         return logits
     padded = torch.cat([logits, logits.new_zeros(1)])  # the empty slots' scratch logit
     chosen = padded[ids]
