@@ -287,9 +287,11 @@ class Choice:
     """Choosing a token under one sampling setup as fixed-shape device work: repetition penalty, filters,
     draw, and the pick written into the recent tokens, with no value read back to the host.
 
-    On CUDA those thirty-odd small launches are captured as one graph at the second use and replayed
-    after, so the host queues a token in a few launches and stays ahead of the GPU. A Choice serves
-    every answer with the same settings (``Choices``): only the first answer pays the capture.
+    On CUDA the penalty and (for 0 < top_k <= 128) the filters and draw run as the Triton kernels of
+    ``ffchat.kernels.sampling``, whose references are the torch ops used elsewhere; either way the
+    launches are captured as one graph at the second use and replayed after, so the host queues a
+    token in a few launches and stays ahead of the GPU. A Choice serves every answer with the same
+    settings (``Choices``): only the first answer pays the capture.
     """
 
     def __init__(self, params: SamplingParams, vocab: int, capacity: int, device: torch.device):
@@ -319,11 +321,22 @@ class Choice:
         return self.token
 
     def _choose(self) -> torch.Tensor:
-        logits = apply_repetition_penalty(self.logits, self.recent.ids, self.params.repeat_penalty)
-        if self.params.greedy:
+        params, on_gpu = self.params, self.logits.device.type == "cuda"
+        if on_gpu:  # the kernels: a few launches where the torch ops below take some thirty
+            from ffchat.kernels.sampling import MOST_TOP_K, penalize_recent, sample_top_k
+            if params.repeat_penalty != 1.0:
+                penalize_recent(self.logits, self.recent.ids, params.repeat_penalty)  # self.logits is our copy
+            if not params.greedy and 0 < params.top_k <= MOST_TOP_K and params.top_k < self.logits.numel():
+                ring = self.recent.ids if self.recent.size else None
+                return sample_top_k(self.logits, self.uniform, top_k=params.top_k, temperature=params.temperature,
+                                    top_p=params.top_p, min_p=params.min_p, ring=ring, count=self.recent.count)
+            logits = self.logits
+        else:
+            logits = apply_repetition_penalty(self.logits, self.recent.ids, params.repeat_penalty)
+        if params.greedy:
             token = torch.argmax(logits).view(1)
         else:
-            values, ids = candidates(logits, self.params)
+            values, ids = candidates(logits, params)
             token = ids[draw(values, self.uniform)]
         self.recent.append(token)
         return token
