@@ -89,6 +89,7 @@ def _choose_kernel(keys_ptr, n_keys, uniform_ptr, token_ptr, ring_ptr, count_ptr
     offs = tl.arange(0, ALL)
     best = tl.topk(tl.load(keys_ptr + offs, mask=offs < n_keys, other=LOWEST_KEY), K2)
     values, ids = _values_and_ids(best)
+    values = tl.where(best == LOWEST_KEY, float("-inf"), values)  # padding, where the vocabulary is short of K2
     pos = tl.arange(0, K2)
     scaled = values / temperature
     kth = tl.sum(tl.where(pos == top_k - 1, scaled, 0.0), axis=0)

@@ -50,6 +50,14 @@ def test_draws_the_references_token(params):
         assert kernel_token(logits, u, params) == reference_token(logits, u, params), f"uniform {u}"
 
 
+def test_a_vocabulary_smaller_than_the_candidates():
+    """8 tokens, top-k 6: the 16 candidate slots are mostly padding, which no draw may reach."""
+    logits = torch.tensor([2.0, 1.6, 1.5, 0.9, 0.3, -0.5, -1.0, -3.0], device=DEVICE)
+    params = SamplingParams(temperature=0.7, top_k=6, top_p=0.95, min_p=0.03)
+    for u in UNIFORMS:
+        assert kernel_token(logits, u, params) == reference_token(logits, u, params), f"uniform {u}"
+
+
 def test_chunks_of_the_vocabulary_merge(monkeypatch):
     """Several first-pass programs (chunks of 256 here): the best candidates may sit in any of them."""
     monkeypatch.setattr(kernels, "CHUNK", 256)
