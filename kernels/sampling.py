@@ -1,4 +1,4 @@
-"""Sampling a token on the GPU in three launches: repetition penalty, then top-k, temperature, top-p, min-p and
+"""Sampling a token on the GPU in a few launches: repetition penalty, then top-k, temperature, top-p, min-p and
 the draw.
 
 Why: the same choice in torch ops (``ffchat.sampling.candidates`` and ``draw``, the references these
@@ -8,6 +8,9 @@ step. Here every value of the vocabulary becomes one int64 key (the float's bits
 above its id), so ``tl.topk`` carries ids with values:
 
 * ``_chunk_top_kernel``: program p keeps the K2 largest keys of its chunk of the vocabulary;
+* ``_merge_top_kernel``, as often as needed: program p keeps the K2 largest of a few chunks' lists,
+  until at most ``MERGE`` keys are left (a tree: ``tl.topk`` over 4096 keys in one program takes
+  ~32 us on an H200, over 1024 ~5 us, so many small programs beat one large one);
 * ``_choose_kernel``: one program keeps the K2 largest of those, scales them by the temperature,
   masks what top-k (ties at the k-th place kept, up to K2 - k of them), top-p and min-p remove,
   draws by inverting the CDF at one uniform number, and writes the token into the recent-token ring.
@@ -25,7 +28,8 @@ import triton
 import triton.language as tl
 
 MOST_TOP_K = 128  # larger k: the torch path (K2 <= 256 keeps the one-program merge in registers)
-CHUNK = 4096  # vocabulary entries per program of the first pass
+CHUNK = 1024  # vocabulary entries per program of the first pass
+MERGE = 1024  # keys per program of a merge pass, and the most the choosing program takes
 PENALTY_BLOCK = 1024
 LOWEST_KEY: tl.constexpr = tl.constexpr(-(2**63))  # below every real key: padding
 
@@ -78,6 +82,14 @@ def _chunk_top_kernel(logits_ptr, keys_ptr, vocab, BLOCK: tl.constexpr, K2: tl.c
     values = tl.load(logits_ptr + ids, mask=ids < vocab, other=float("-inf"))
     keys = tl.where(ids < vocab, _keys(values, ids), LOWEST_KEY)
     tl.store(keys_ptr + p * K2 + tl.arange(0, K2), tl.topk(keys, K2))
+
+
+@triton.jit
+def _merge_top_kernel(in_ptr, n_keys, out_ptr, BLOCK: tl.constexpr, K2: tl.constexpr):
+    """The K2 largest of keys [p * BLOCK, (p + 1) * BLOCK), largest first."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keys = tl.load(in_ptr + offs, mask=offs < n_keys, other=LOWEST_KEY)
+    tl.store(out_ptr + tl.program_id(0) * K2 + tl.arange(0, K2), tl.topk(keys, K2))
 
 
 @triton.jit
@@ -134,7 +146,11 @@ def sample_top_k(logits: torch.Tensor, uniform: torch.Tensor, *, top_k: int, tem
     programs = triton.cdiv(vocab, block)
     keys = torch.empty(programs * k2, dtype=torch.int64, device=logits.device)
     token = torch.empty(1, dtype=torch.int64, device=logits.device)
-    _chunk_top_kernel[(programs,)](logits, keys, vocab, BLOCK=block, K2=k2)
+    _chunk_top_kernel[(programs,)](logits, keys, vocab, BLOCK=block, K2=k2, num_warps=8)
+    while keys.numel() > MERGE:
+        merged = torch.empty(triton.cdiv(keys.numel(), MERGE) * k2, dtype=torch.int64, device=logits.device)
+        _merge_top_kernel[(merged.numel() // k2,)](keys, keys.numel(), merged, BLOCK=MERGE, K2=k2, num_warps=8)
+        keys = merged
     has_ring = ring is not None and ring.numel() > 0
     _choose_kernel[(1,)](keys, keys.numel(), uniform, token, ring if has_ring else token,
                          count if has_ring else token, ring.numel() if has_ring else 1,

@@ -79,6 +79,16 @@ def test_ties_at_the_kth_place_stay_drawable():
     assert kept == set(range(7)) and drawn == kept
 
 
+def test_merge_passes_keep_the_best(monkeypatch):
+    """Chunks and merges of 64 keys: 1000 tokens take three merge passes (512 keys, 256, 128, 64) before the choice."""
+    monkeypatch.setattr(kernels, "CHUNK", 64)
+    monkeypatch.setattr(kernels, "MERGE", 64)
+    logits = random_logits(1000, seed=5)
+    params = SamplingParams(top_k=10, top_p=0.99)  # K2 = 32
+    for u in UNIFORMS:
+        assert kernel_token(logits, u, params) == reference_token(logits, u, params), f"uniform {u}"
+
+
 def test_the_token_joins_the_recent_ring():
     vocab = 300
     ring = torch.full((4,), vocab, dtype=torch.long, device=DEVICE)
