@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-MOST_TOP_K = 128  # larger k: the torch path (K2 <= 256 keeps the one-program merge in registers)
+MOST_TOP_K = 128  # larger k: the torch path (K2 <= 256, so a merge pass still shrinks its keys fourfold)
 CHUNK = 1024  # vocabulary entries per program of the first pass
 MERGE = 1024  # keys per program of a merge pass, and the most the choosing program takes
 PENALTY_BLOCK = 1024
