@@ -24,6 +24,7 @@ import traceback
 import torch
 import triton
 
+from ffchat.kernels import dp2a_gemv
 from ffchat.kernels import int4_gemv as gemv
 from ffchat.tune import graph_time
 
@@ -67,10 +68,20 @@ def make_set(n: int, k: int):
     return qweight, scales, zeros
 
 
-def run_kernel(variant: str, x, act, wset, cfg, out):
+VARIANTS = ("w4a16", "w4a8", "dp2a")
+
+
+def run_kernel(variant: str, x, acts, wset, cfg, out):
+    """``acts``: x quantized for W4A8 and for dp2a, (int8, int16)."""
     if variant == "w4a16":
         return gemv.int4_gemv(x, *wset, GROUP, out=out, config=cfg)
-    return gemv.int4_gemv_w4a8(x, *wset, GROUP, out=out, config=cfg, act=act)
+    if variant == "w4a8":
+        return gemv.int4_gemv_w4a8(x, *wset, GROUP, out=out, config=cfg, act=acts[0])
+    return dp2a_gemv.int4_gemv_dp2a(x, *wset, GROUP, out=out, config=cfg, act=acts[1])
+
+
+def quantized(x):
+    return gemv.quantize_activation(x, GROUP), dp2a_gemv.quantize_activation16(x, GROUP)
 
 
 def _warm(job):
@@ -79,12 +90,12 @@ def _warm(job):
     torch.manual_seed(0)
     wset = make_set(n, k)
     x = torch.randn(k, device=DEVICE, dtype=torch.float16)
-    act = gemv.quantize_activation(x, GROUP)
+    acts = quantized(x)
     out = torch.empty(n, device=DEVICE, dtype=torch.float16)
     failed = []
     for cfg in cfgs:
         try:
-            run_kernel(variant, x, act, wset, cfg, out)
+            run_kernel(variant, x, acts, wset, cfg, out)
         except Exception as exc:  # a config the compiler rejects is reported, not fatal
             failed.append((cfg, str(exc)[:120]))
     torch.cuda.synchronize()
@@ -117,22 +128,25 @@ def bench_shape(n: int, k: int, sweep: tuple[str, ...], l2_bytes: int) -> dict:
     copies = max(2, min(128, math.ceil(4 * l2_bytes / int4_bytes)))
     sets = [make_set(n, k) for _ in range(copies)]
     x = torch.randn(k, device=DEVICE, dtype=torch.float16)
-    act = gemv.quantize_activation(x, GROUP)
+    acts = quantized(x)
     out = torch.empty(n, device=DEVICE, dtype=torch.float16)
     ref = gemv.int4_gemv_reference(x, *sets[0], GROUP).float()
-    ref_w4a8 = gemv.int4_gemv_w4a8_reference(x, *sets[0], GROUP).float()
+    refs = {"w4a16": ref, "w4a8": gemv.int4_gemv_w4a8_reference(x, *sets[0], GROUP).float(),
+            "dp2a": dp2a_gemv.int4_gemv_dp2a_reference(x, *sets[0], GROUP).float()}
     res = {"N": n, "K": k, "int4_MB": int4_bytes / 1e6, "copies": copies}
 
     def measure(variant, cfg):
-        y = run_kernel(variant, x, act, sets[0], cfg, out)
-        err = rel_err(y, ref_w4a8 if variant == "w4a8" else ref)
+        y = run_kernel(variant, x, acts, sets[0], cfg, out)
+        err = rel_err(y, refs[variant])
         if not err < 2e-3:
             return None, err
-        return graph_time(lambda i: run_kernel(variant, x, act, sets[i], cfg, out), copies), err
+        return graph_time(lambda i: run_kernel(variant, x, acts, sets[i], cfg, out), copies), err
 
-    io_bytes = {"w4a16": int4_bytes + 2 * k + 2 * n, "w4a8": int4_bytes + k + 8 * (k // GROUP) + 2 * n}
-    for variant, table in (("w4a16", gemv.config_table("gemv_w4a16", x.device)),
-                           ("w4a8", gemv.config_table("gemv_w4a8", x.device))):
+    groups = k // GROUP
+    io_bytes = {"w4a16": int4_bytes + 2 * k + 2 * n, "w4a8": int4_bytes + k + 8 * groups + 2 * n,
+                "dp2a": int4_bytes + 2 * k + 8 * groups + 2 * n}
+    for variant in VARIANTS:
+        table = gemv.config_table(f"gemv_{'w4a16' if variant == 'w4a16' else 'w4a8'}", x.device)
         default = gemv.pick_config(n, k, GROUP, table)
         t, err = measure(variant, default)
         res[variant] = {"config": default.__dict__, "us": t and t * 1e6, "GBps": t and io_bytes[variant] / t / 1e9,
@@ -149,8 +163,10 @@ def bench_shape(n: int, k: int, sweep: tuple[str, ...], l2_bytes: int) -> dict:
             t, cfg = timed[0]
             res[f"{variant}_best"] = {"config": cfg.__dict__, "us": t * 1e6, "GBps": io_bytes[variant] / t / 1e9,
                                       "top5": [(round(t * 1e6, 2), c.__dict__) for t, c in sorted(timed, key=lambda tc: tc[0])[:5]]}
-    res["w4a8_err_vs_fp16x"] = rel_err(run_kernel("w4a8", x, act, sets[0], None, out), ref)
+    res["w4a8_err_vs_fp16x"] = rel_err(run_kernel("w4a8", x, acts, sets[0], None, out), ref)
+    res["dp2a_err_vs_fp16x"] = rel_err(run_kernel("dp2a", x, acts, sets[0], None, out), ref)
     res["quantize_x_us"] = graph_time(lambda i: gemv.quantize_activation(x, GROUP), 16) * 1e6
+    res["quantize_x16_us"] = graph_time(lambda i: dp2a_gemv.quantize_activation16(x, GROUP), 16) * 1e6
     res["tinygemm"] = bench_tinygemm(n, k, x, copies)
     res["cublas_fp16"] = bench_cublas(n, k, x, l2_bytes)
     return res
@@ -180,7 +196,7 @@ def bench_cublas(n: int, k: int, x: torch.Tensor, l2_bytes: int) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", choices=["none", "w4a16", "w4a8", "both"], default="none",
+    parser.add_argument("--sweep", choices=["none", *VARIANTS, "both", "all"], default="none",
                         help="time a grid of configs per shape for these kernels")
     parser.add_argument("--workers", type=int, default=min(12, os.cpu_count() or 1))
     parser.add_argument("--json", help="write all numbers here")
@@ -190,10 +206,10 @@ def main():
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MB, "
           f"torch {torch.__version__}, triton {triton.__version__}", flush=True)
-    sweep = {"none": (), "both": ("w4a16", "w4a8")}.get(args.sweep, (args.sweep,))
+    sweep = {"none": (), "both": ("w4a16", "w4a8"), "all": VARIANTS}.get(args.sweep, (args.sweep,))
     if sweep:
         device = torch.device(DEVICE)
-        tables = {v: gemv.config_table(f"gemv_{v}", device) for v in sweep}
+        tables = {v: gemv.config_table(f"gemv_{'w4a16' if v == 'w4a16' else 'w4a8'}", device) for v in sweep}
         jobs = []
         for (v, table), (_, n, k) in itertools.product(tables.items(), shapes):
             cfgs = candidates(n, k) + [gemv.pick_config(n, k, GROUP, table)]
@@ -224,16 +240,18 @@ def print_table(results: dict):
 
     print(f"\n{results['device']}: copy {copy:.0f} GB/s. Cells: time per GEMV, GB/s; % = of copy bandwidth")
     print(f"{'shape':24s} {'MB':>6s} | {'w4a16 table':15s} {'%':>3s} | {'w4a16 best':15s} | {'w4a8 table':15s} {'%':>3s}"
-          f" | {'w4a8 best':15s} | {'tinygemm':15s} | {'cuBLAS fp16':15s} | w4a16/tiny")
+          f" | {'w4a8 best':15s} | {'dp2a table':15s} {'%':>3s} | {'dp2a best':15s} | {'tinygemm':15s} | "
+          f"{'cuBLAS fp16':15s} | w4a16/tiny")
     for name, r in results["shapes"].items():
         tiny = r.get("tinygemm")
         ratio = f"{tiny['us'] / r['w4a16']['us']:.2f}x" if tiny and r["w4a16"]["us"] else "-"
         pct = lambda v: f"{100 * r[v]['GBps'] / copy:3.0f}" if r[v]["us"] else "  -"  # noqa: E731
         print(f"{name:24s} {r['int4_MB']:6.1f} | {cell(r['w4a16'])} {pct('w4a16')} | {cell(r.get('w4a16_best'))} | "
-              f"{cell(r['w4a8'])} {pct('w4a8')} | {cell(r.get('w4a8_best'))} | {cell(tiny)} | "
+              f"{cell(r['w4a8'])} {pct('w4a8')} | {cell(r.get('w4a8_best'))} | {cell(r['dp2a'])} {pct('dp2a')} | "
+              f"{cell(r.get('dp2a_best'))} | {cell(tiny)} | "
               f"{cell(r['cublas_fp16'])} | {ratio}")
     for name, r in results["shapes"].items():
-        best = {v: r.get(f"{v}_best", {}).get("config") for v in ("w4a16", "w4a8")}
+        best = {v: r.get(f"{v}_best", {}).get("config") for v in VARIANTS}
         if any(best.values()):
             print(f"best configs {name}: {best}")
 

@@ -179,3 +179,37 @@ def test_norm_gated_under_cuda_graph_replay(gemv):
         torch.cuda.synchronize()
         ref = gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, gated=True)
         assert rel_err(out, ref) < 1.5e-2
+
+
+# --- dp2a (int16 activations on the integer dot-product units) ---
+
+
+@pytest.mark.parametrize("n, k", SHAPES, ids=[f"{n}x{k}" for n, k in SHAPES])
+def test_dp2a_matches_w4a16(n, k):
+    """The real `dp2a.lo/hi` instructions: the W4A16 result to within the output's rounding."""
+    from ffchat.kernels import dp2a_gemv, int4_gemv
+
+    qweight, scales, zeros = weights(n, k, seed=n + 3 * k)
+    x = torch.randn(k, device="cuda", dtype=torch.float16)
+    residual = torch.randn(n, device="cuda").half()
+    out = torch.full((n,), float("nan"), device="cuda", dtype=torch.float16)
+    dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, GROUP, residual=residual, out=out)
+    assert torch.isfinite(out).all(), "some outputs were never written"
+    ref = dp2a_gemv.int4_gemv_dp2a_reference(x, qweight, scales, zeros, GROUP, residual=residual)
+    assert rel_err(out, ref) < 2e-3
+    assert rel_err(out, int4_gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, residual=residual)) < 2e-3
+
+
+@pytest.mark.parametrize("i, k", [(8192, 2048), (14336, 4096)], ids=["llama-1b", "llama-8b"])
+def test_dp2a_norm_gated_mlp(i, k):
+    from ffchat.kernels import dp2a_gemv, int4_gemv
+
+    qweight, scales, zeros = weights(2 * i, k, seed=i + k + 2)
+    x, norm_weight = norm_inputs(k, seed=i + 2)
+    out = torch.full((i,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, norm_eps=1e-5, gated=True,
+                             out=out)
+    assert torch.isfinite(out).all(), "some outputs were never written"
+    w4a16 = int4_gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, norm_eps=1e-5,
+                                          gated=True)
+    assert rel_err(out, w4a16) < 1.5e-2
