@@ -33,6 +33,7 @@ from ffchat.backend import check_prompt_fits, check_rewind, check_room_for_token
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.kernels.decode_attention import decode_attention, make_workspace
+from ffchat.kernels.dp2a_gemv import int4_gemv_dp2a
 from ffchat.kernels.int4_dequant import dequantize_int4
 from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_w4a8
 from ffchat.kernels.rope_kv import rope_kv_append
@@ -130,12 +131,15 @@ class TritonBackend:
         self.scratch = torch.empty(largest, dtype=dtype, device=self.device)  # prefill's dequantized weight
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures = 0
-        # What `ffchat tune` measured for this shape on this GPU; the GEMV tiles by role, else the profile's tables.
+        # What `ffchat tune` measured for this shape on this GPU: the GEMV tiles and kernels by role, else the
+        # profile's W4A16 tables.
         self.cached_tuning = load_tuning(GpuIdentity.of(self.device), config, weights.group_size) \
             if self.device.type == "cuda" else None
         self.tuning = None if self.cached_tuning is None else {
             role: GemvConfig(**fields) for role, fields in self.cached_tuning.gemv.items()}
-        self.details = {"tuned": self.tuning is not None}
+        self.dp2a_roles = set() if self.cached_tuning is None else {
+            role for role, kernel in self.cached_tuning.kernels.items() if kernel == "dp2a"}
+        self.details = {"tuned": self.tuning is not None, "dp2a_roles": sorted(self.dp2a_roles)}
 
     def _dense(self, weights: BenchWeights, name: str) -> Tensor:
         return weights.dense[name].to(device=self.device, dtype=self.dtype)
@@ -234,14 +238,16 @@ class TritonBackend:
         self.logits.copy_(self._head(x))
 
     def _gemv(self, role: str, x: Tensor, linear: Int4Linear, *, int8: bool = False, **epilogue) -> Tensor:
-        """W4A16 (with the tuned tile of ``role`` if there is one), or with ``int8`` W4A8 (x rounded to int8
-        per group, after the norm if one is given; its tiles come from the profile)."""
+        """The kernel and tile `ffchat tune` chose for ``role`` (W4A16, or dp2a after a launch that quantizes x to
+        int16 codes), the profile's W4A16 tile if untuned; with ``int8`` W4A8 (x rounded to int8 per group,
+        after the norm if one is given; its tiles come from the profile)."""
         if int8:
             return int4_gemv_w4a8(x, linear.qweight, linear.scales, linear.zeros, linear.group_size,
                                   norm_eps=self.config.rms_norm_eps, **epilogue)
         config = self.tuning.get(role) if self.tuning else None
-        return int4_gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size, config=config,
-                         norm_eps=self.config.rms_norm_eps, **epilogue)
+        gemv = int4_gemv_dp2a if role in self.dp2a_roles else int4_gemv
+        return gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size, config=config,
+                    norm_eps=self.config.rms_norm_eps, **epilogue)
 
     def _head(self, x: Tensor) -> Tensor:
         """Final norm and LM head of one hidden vector: logits [vocab] in the activation dtype."""

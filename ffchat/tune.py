@@ -5,7 +5,9 @@ start elsewhere. Tuning times every candidate tile on the model's own decode GEM
 with its norm, o with the residual, norm + gate/up + SiLU, down with the residual, the LM
 head), on fresh random INT4 weights rotated through more memory than L2 holds, after
 checking each candidate against ``int4_gemv_reference``; the fastest correct one wins.
-The profile's own choice is always a candidate. Timed alone, a GEMV only approximates its
+The profile's own choice is always a candidate. Candidates are of two kernels: the W4A16 GEMV,
+and the dp2a GEMV (``ffchat.kernels.dp2a_gemv``: x as int16 codes, the same result to ~1e-5),
+timed together with the launch that quantizes its x, which it needs before it. Timed alone, a GEMV only approximates its
 cost inside the captured step (PDL overlaps neighbours): on an H200 the 1B winners, each
 0-2% faster alone, made the step 4% faster; another set, with one GEMV 7% faster alone,
 changed it by nothing (BENCHMARKS.md, 2026-12-02).
@@ -38,6 +40,7 @@ import torch
 
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
+from ffchat.kernels.dp2a_gemv import int4_gemv_dp2a
 from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_reference, pick_config
 from ffchat.kernels.megakernel import MegakernelConfig, registers_per_sm, sms
 from ffchat.megakernel_backend import attention_splits, megakernel_tile
@@ -57,10 +60,13 @@ MEGAKERNEL_ATTENTION_BLOCKS = (64, 32)
 MEGAKERNEL_CANDIDATES = 2 + 2 * len(MEGAKERNEL_GRIDS) * len(MEGAKERNEL_ATTENTION_BLOCKS)  # at most
 MEGAKERNEL_STEPS = 1 + MEGAKERNEL_CANDIDATES  # progress steps of the megakernel phase: the Triton step, candidates
 COMPILE_THREADS = min(16, os.cpu_count() or 1)
+W4A16, DP2A = "w4a16", "dp2a"  # the GEMV kernels a role can be tuned to
 
 
-def candidates(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
-    """The profile's choice first, then a grid of tiles around the measured optimum of the H200 sweep.
+def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, GemvConfig]]:
+    """(kernel, tile) pairs: the profile's W4A16 choice first, then a grid of W4A16 tiles around the measured
+    optimum of the H200 sweep, then the dp2a kernel's (the W4A8 table's choice, then a grid around the best
+    tiles of the H100 sweep, BENCHMARKS.md 2026-12-06).
 
     block_n counts outputs for a gated problem. Each candidate is shrunk to the problem like
     the profile's own, and duplicates are dropped.
@@ -72,9 +78,15 @@ def candidates(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
             for warps, registers in ((4, 128), (8, None)):
                 grid.append(GemvConfig(block_n=block_n, block_k=block_k, num_warps=warps, max_registers=registers,
                                        prefetch=profile.prefetch))
-    shrunk = [pick_config(problem.n, problem.k, problem.group_size, ((math.inf, math.inf, cfg),),
-                          gated=problem.gated) for cfg in grid]
-    return list(dict.fromkeys(shrunk))
+    dp2a = [pick_config(problem.n, problem.k, problem.group_size, gated=problem.gated, w4a8=True, device=device)]
+    dp2a += [GemvConfig(block_n=block_n, block_k=block_k, num_warps=4) for block_n in (4, 8, 16)
+             for block_k in (1024, 2048)]
+    dp2a.append(GemvConfig(block_n=8, block_k=2048, num_warps=8))
+
+    def shrunk(cfg: GemvConfig) -> GemvConfig:
+        return pick_config(problem.n, problem.k, problem.group_size, ((math.inf, math.inf, cfg),), gated=problem.gated)
+
+    return list(dict.fromkeys([(W4A16, shrunk(cfg)) for cfg in grid] + [(DP2A, shrunk(cfg)) for cfg in dp2a]))
 
 
 def _random_problem(problem: GemvProblem, copies: int, device: torch.device, seed: int):
@@ -138,6 +150,13 @@ class ProblemResult:
     us: float
     profile_us: float
     rejected: int  # candidates that failed the reference check or did not compile
+    kernel: str = W4A16  # W4A16 or DP2A (with its quantizing launch)
+
+
+def run_gemv(kernel: str, x: torch.Tensor, weights: tuple, group_size: int, config: GemvConfig, **epilogue):
+    """One decode GEMV as the Triton backend runs a role tuned to ``kernel`` (DP2A: its quantizing launch first)."""
+    gemv = int4_gemv_dp2a if kernel == DP2A else int4_gemv
+    return gemv(x, *weights, group_size, config=config, **epilogue)
 
 
 def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Callable[[], None] = lambda: None
@@ -151,30 +170,29 @@ def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Calla
     timed, rejected = [], 0
     found = candidates(problem, device)
 
-    def first_launch(cfg: GemvConfig):
-        return int4_gemv(x, *sets[0], problem.group_size, config=cfg, **extra)
+    def launch(kernel: str, cfg: GemvConfig, copy: int = 0):
+        return run_gemv(kernel, x, sets[copy], problem.group_size, cfg, **extra)
 
     with contextlib.suppress(Exception):  # alone first: Triton sets up its caches for the kernel once
-        first_launch(found[0])  # a failure is the loop's to count
-    compile_all([lambda cfg=cfg: first_launch(cfg) for cfg in found[1:]])
-    for index, cfg in enumerate(found):
+        launch(*found[0])  # a failure is the loop's to count
+    compile_all([lambda pair=pair: launch(*pair) for pair in found[1:]])
+    for index, (kernel, cfg) in enumerate(found):
         try:
-            got = first_launch(cfg).float()
+            got = launch(kernel, cfg).float()
             error = ((got - want).norm() / want.norm()).item()
             if not error < MAX_REL_ERR:
                 rejected += 1
             else:
-                timed.append((graph_time(lambda i: int4_gemv(x, *sets[i], problem.group_size, config=cfg, **extra),
-                                          copies), index, cfg))
+                timed.append((graph_time(lambda i: launch(kernel, cfg, i), copies), index, kernel, cfg))
         except Exception:  # noqa: BLE001 - a tile this GPU cannot compile (e.g. out of shared memory) is no winner
             rejected += 1
         on_candidate()
     if not timed:
         raise FfchatError(f"no candidate tile for the {problem.role} GEMV ({problem.n}x{problem.k}) passed the "
                           f"reference check on this GPU", hint="report this with `ffchat --debug tune ...`")
-    seconds, _, best = min(timed, key=lambda item: item[0])
-    profile_us = next((t for t, index, _ in timed if index == 0), math.nan) * 1e6
-    return ProblemResult(problem, best, seconds * 1e6, profile_us, rejected)
+    seconds, _, kernel, best = min(timed, key=lambda item: item[0])
+    profile_us = next((t for t, index, _, _ in timed if index == 0), math.nan) * 1e6
+    return ProblemResult(problem, best, seconds * 1e6, profile_us, rejected, kernel)
 
 
 def step_us(backend, tokens: list[int]) -> float:
@@ -191,13 +209,15 @@ def megakernel_candidates(default: MegakernelConfig, tuned_tiles: dict[str, Gemv
     """The default config, the default with half its attention shares per KV head, then every combination of
     the other searched axes (duplicates dropped):
 
-    * tiles: the profile's (the default's) or ``tuned_tiles`` as the megakernel runs them;
+    * tiles: the profile's (the default's) or ``tuned_tiles`` (the W4A16 roles' tuned tiles, the profile's for
+      the rest) as the megakernel runs them;
     * grid and warps (``MEGAKERNEL_GRIDS``): programs per SM, warps per program, and the register cap that lets
       them all be resident (registers per SM over their threads, a multiple of 8); shares per KV head about one
       per program;
     * keys per attention block (``MEGAKERNEL_ATTENTION_BLOCKS``).
     """
-    tile_sets = [default.tiles, {role: megakernel_tile(tile) for role, tile in tuned_tiles.items()}]
+    tuned = {role: megakernel_tile(tile) for role, tile in tuned_tiles.items()}
+    tile_sets = [default.tiles, {**default.tiles, **tuned}]
     found = [default, dataclasses.replace(default, attention_splits=max(2, default.attention_splits // 2))]
     for tiles in tile_sets:
         for per_sm, warps in MEGAKERNEL_GRIDS:
@@ -283,7 +303,8 @@ def tune(config: ModelConfig, group_size: int, device: torch.device,
     save_tuning(path, identity, results, time.perf_counter() - started)  # the backends timed next read it
     mega = None
     if megakernel:
-        mega = tune_megakernel(config, group_size, device, {r.problem.role: r.config for r in results}, on_candidate)
+        w4a16 = {r.problem.role: r.config for r in results if r.kernel == W4A16}  # the megakernel has no dp2a path
+        mega = tune_megakernel(config, group_size, device, w4a16, on_candidate)
         save_tuning(path, identity, results, time.perf_counter() - started, mega)
     return path, results, mega, time.perf_counter() - started
 
@@ -361,14 +382,14 @@ def run_tune(model: str | None, shape: str | None, out, err) -> None:
     device = torch.device("cuda")
     path, results, mega, seconds = tune_with_progress(label, config, group_size, device, err)
     table = Table(title=f"{label} on {GpuIdentity.of(device).name}: decode GEMV tiles")
-    for column in ("GEMV", "N x K", "tile (outputs x inputs, warps)", "us", "profile's us", "rejected"):
+    for column in ("GEMV", "N x K", "kernel", "tile (outputs x inputs, warps)", "us", "profile's us", "rejected"):
         table.add_column(column)
     for r in results:
         c = r.config
         tile = f"{c.block_n} x {c.block_k}, {c.num_warps}" + (f", {c.max_registers} regs" if c.max_registers else "") \
             + (", prefetch" if c.prefetch else "")
-        table.add_row(r.problem.role, f"{r.problem.n} x {r.problem.k}", tile, f"{r.us:.2f}", f"{r.profile_us:.2f}",
-                      str(r.rejected))
+        table.add_row(r.problem.role, f"{r.problem.n} x {r.problem.k}", r.kernel, tile, f"{r.us:.2f}",
+                      f"{r.profile_us:.2f}", str(r.rejected))
     out.print(table)
     out.print(f"whole-model kernel: {describe_megakernel(mega)}")
     out.print(f"tuned in {seconds:.1f} s; saved {path}")

@@ -24,7 +24,9 @@ from ffchat.config import ModelConfig
 from ffchat.profiles import GpuIdentity
 from ffchat.quantize.layout import choose_group_size
 
-FORMAT = 3  # of the cache file; another value is ignored (re-tune); 3: the megakernel timed at two contexts
+# Of the cache file; another value is ignored (re-tune). 3: the megakernel timed at two contexts; 4: each GEMV role's
+# kernel (W4A16, or dp2a with its quantizing launch).
+FORMAT = 4
 
 
 @dataclass(frozen=True)
@@ -84,10 +86,12 @@ class MegakernelTuning:
 
 @dataclass(frozen=True)
 class Tuning:
-    """One cache file: ``GemvConfig`` fields by role; the megakernel's result when it was tuned too."""
+    """One cache file: ``GemvConfig`` fields and the kernel ("w4a16" or "dp2a") by role; the megakernel's result
+    when it was tuned too."""
 
     date: str
     gemv: dict[str, dict]
+    kernels: dict[str, str]
     megakernel: MegakernelTuning | None
 
 
@@ -110,7 +114,8 @@ def save_tuning(path: Path, identity: GpuIdentity, results: list, seconds: float
         "gpu": dataclasses.asdict(identity),
         "seconds": round(seconds, 1),
         "gemv": {r.problem.role: {"problem": dataclasses.asdict(r.problem), "config": dataclasses.asdict(r.config),
-                                  "us": r.us, "profile_us": r.profile_us, "rejected": r.rejected} for r in results},
+                                  "kernel": r.kernel, "us": r.us, "profile_us": r.profile_us, "rejected": r.rejected}
+                 for r in results},
         "megakernel": None if megakernel is None else dataclasses.asdict(megakernel),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +133,9 @@ def load_tuning(identity: GpuIdentity, config: ModelConfig, group_size: int) -> 
         if record.get("format") != FORMAT:
             return None
         mega = record.get("megakernel")
-        return Tuning(str(record["date"]), {role: dict(entry["config"]) for role, entry in record["gemv"].items()},
+        gemv = record["gemv"]
+        return Tuning(str(record["date"]), {role: dict(entry["config"]) for role, entry in gemv.items()},
+                      {role: str(entry["kernel"]) for role, entry in gemv.items()},
                       None if mega is None else MegakernelTuning(**mega))
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -16,6 +16,25 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+
+def _import_hugging_faces_kernels_package() -> None:
+    """transformers (5.25 on) imports the Hugging Face package `kernels` whenever it is installed, as transformers now
+    requires; `python -m pytest` puts the repo root first on sys.path, where our `kernels/` folder (installed as
+    ffchat.kernels) would answer that import and break every test that builds a model with transformers. Importing the
+    installed package with the repo root left out puts the right module in sys.modules before transformers asks."""
+    root = Path(__file__).resolve().parent.parent
+    saved = sys.path[:]
+    sys.path[:] = [entry for entry in saved if Path(entry or ".").resolve() != root]
+    try:
+        import kernels  # noqa: F401
+    except ImportError:  # not installed: transformers will not import it either
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_hugging_faces_kernels_package()
+
 from factory import FAMILIES, build_model  # noqa: E402
 from real_model import smollm2_gguf  # noqa: E402
 

@@ -139,7 +139,7 @@ def test_tuned_tiles_reach_the_kernels_and_change_nothing_but_speed(monkeypatch)
     from ffchat.kernels.int4_gemv import GemvConfig
 
     reference, triton = backends("llama", seed=4)
-    assert triton.tuning is None and triton.details == {"tuned": False}  # the CPU has no tuning cache
+    assert triton.tuning is None and triton.details == {"tuned": False, "dp2a_roles": []}  # no tuning cache on a CPU
     tiles = {"o": GemvConfig(block_n=4, block_k=32, num_warps=1), "down": GemvConfig(block_n=2, block_k=64,
                                                                                       num_warps=1)}
     triton.tuning = tiles
@@ -158,3 +158,27 @@ def test_tuned_tiles_reach_the_kernels_and_change_nothing_but_speed(monkeypatch)
     layers = triton.config.num_layers
     assert seen.count(tiles["o"]) == layers and seen.count(tiles["down"]) == layers
     assert seen.count(None) == 2 * layers + 1  # q/k/v and gate/up per layer, and the head: the profile's tiles
+
+
+def test_roles_tuned_to_dp2a_run_it_and_keep_the_logits(monkeypatch):
+    """A role `ffchat tune` gave to the dp2a kernel launches it (quantizing x first) with its tile; the others keep
+    the W4A16 kernel; the logits stay the reference's (int16 codes: ~1e-5)."""
+    from ffchat import triton_backend
+    from ffchat.kernels.int4_gemv import GemvConfig
+
+    reference, triton = backends("qwen2", seed=5)
+    head = GemvConfig(block_n=4, block_k=32, num_warps=1)
+    triton.tuning, triton.dp2a_roles = {"head": head}, {"head", "down"}
+    seen = []
+
+    def spy(*args, config=None, **kwargs):
+        seen.append(config)
+        return real(*args, config=config, **kwargs)
+
+    real = triton_backend.int4_gemv_dp2a
+    monkeypatch.setattr(triton_backend, "int4_gemv_dp2a", spy)
+    for backend in (reference, triton):
+        backend.prefill([2, 7, 1, 8])
+    seen.clear()
+    assert_close(triton.decode(6), reference.decode(6))
+    assert seen == [None] * triton.config.num_layers + [head]  # down per layer (the profile's tile), the head

@@ -14,7 +14,7 @@ from ffchat.kernels.int4_gemv import GemvConfig, pick_config
 from ffchat.profiles import GpuIdentity
 from ffchat.shapes import shape_config
 from ffchat.megakernel_backend import default_config
-from ffchat.tune import MEGAKERNEL_CANDIDATES, ProblemResult, candidates, megakernel_candidates
+from ffchat.tune import DP2A, MEGAKERNEL_CANDIDATES, W4A16, ProblemResult, candidates, megakernel_candidates
 from ffchat.tuning_cache import (
     GemvProblem, MegakernelTuning, decode_problems, describe_megakernel, load_tuning, save_tuning, tuning_path,
 )
@@ -48,15 +48,20 @@ def test_decode_problems_are_the_launches_of_a_step():
 def test_candidates_start_with_the_profile_and_fit_the_problem(role):
     problem = {p.role: p for p in decode_problems(shape_config("qwen2.5-0.5b"), 128)}[role]
     found = candidates(problem, CPU)
-    assert found[0] == pick_config(problem.n, problem.k, problem.group_size, gated=problem.gated, device=CPU)
-    assert len(found) == len(set(found)) >= 4
+    assert found[0] == (W4A16, pick_config(problem.n, problem.k, problem.group_size, gated=problem.gated, device=CPU))
+    assert len(found) == len(set(found))
+    kernels = [kernel for kernel, _ in found]
+    assert kernels.count(W4A16) >= 4 and kernels.count(DP2A) >= 4 and set(kernels) == {W4A16, DP2A}
+    dp2a = next(cfg for kernel, cfg in found if kernel == DP2A)
+    assert dp2a == pick_config(problem.n, problem.k, problem.group_size, gated=problem.gated, w4a8=True, device=CPU)
     outputs = problem.n // 2 if problem.gated else problem.n
-    for cfg in found:
+    for kernel, cfg in found:
         assert cfg.block_n <= outputs and cfg.block_k % problem.group_size == 0 and cfg.split_k == 1
+        assert not (kernel == DP2A and cfg.prefetch), "prefetch is a W4A16 option"
 
 
-def result(problem, block_n):
-    return ProblemResult(problem, GemvConfig(block_n=block_n, block_k=1024, num_warps=4), 2.0, 2.5, 0)
+def result(problem, block_n, kernel=W4A16):
+    return ProblemResult(problem, GemvConfig(block_n=block_n, block_k=1024, num_warps=4), 2.0, 2.5, 0, kernel)
 
 
 LLAMA_1B = shape_config("llama-3.2-1b")
@@ -66,11 +71,12 @@ MEGAKERNEL = MegakernelTuning({"programs": 264, "num_warps": 4, "tiles": {}}, 48
 def test_a_saved_tuning_is_found_again_and_only_for_its_gpu_and_shape():
     problems = decode_problems(LLAMA_1B, 128)
     path = tuning_path(GPU, LLAMA_1B, 128)
-    save_tuning(path, GPU, [result(p, 8) for p in problems], 12.5, MEGAKERNEL)
+    save_tuning(path, GPU, [result(p, 8, DP2A if p.role == "head" else W4A16) for p in problems], 12.5, MEGAKERNEL)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
     loaded = load_tuning(GPU, LLAMA_1B, 128)
     assert set(loaded.gemv) == {p.role for p in problems}
     assert GemvConfig(**loaded.gemv["down"]) == GemvConfig(block_n=8, block_k=1024, num_warps=4)
+    assert loaded.kernels == {p.role: DP2A if p.role == "head" else W4A16 for p in problems}
     assert loaded.megakernel == MEGAKERNEL and loaded.megakernel.faster
     other_driver = GpuIdentity(*{**GPU.__dict__, "driver": "590.1"}.values())
     assert load_tuning(other_driver, LLAMA_1B, 128) is None
@@ -112,6 +118,10 @@ def test_the_megakernel_search_covers_tiles_grids_warps_and_attention_within_the
                                                               tuple(sorted(halved.items()))}
     for c in found:  # a thread holds at most 255 registers; the programs of one SM share 64K
         assert c.programs // 132 * c.num_warps * 32 * (c.max_registers or 256) <= 65536
+    without_head = megakernel_candidates(default, {r: t for r, t in tuned.items() if r != "head"}, 132, 65536,
+                                         model.num_kv_heads)
+    assert all(c.tiles["head"] == default.tiles["head"] for c in without_head), \
+        "a role tuned to the dp2a kernel keeps the profile's tile in the megakernel"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "format"])

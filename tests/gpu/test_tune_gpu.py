@@ -34,7 +34,8 @@ def test_tuned_tiles_are_cached_and_used(tmp_path, monkeypatch):
     assert load_tuning(GpuIdentity.of(torch.device("cuda")), config, 128).megakernel == mega
     weights = random_weights(config, label="tiny", int4=True)
     triton = TritonBackend(weights, 64)
-    assert triton.details == {"tuned": True} and set(triton.tuning) == {r.problem.role for r in results}
+    assert triton.details == {"tuned": True, "dp2a_roles": sorted(r.problem.role for r in results if r.kernel == "dp2a")}
+    assert set(triton.tuning) == {r.problem.role for r in results}
     megakernel = MegakernelBackend(weights, 64)
     assert megakernel.details["megakernel_tuned"] and megakernel.kernel_config == config_from_fields(mega.config)
     assert choose_backend("auto", torch.device("cuda"), config, int4=True, group_size=128) == \
