@@ -141,6 +141,11 @@ class TritonBackend:
             role for role, kernel in self.cached_tuning.kernels.items() if kernel == "dp2a"}
         self.details = {"tuned": self.tuning is not None, "dp2a_roles": sorted(self.dp2a_roles)}
 
+    def use_kernels(self, tuning: dict[str, GemvConfig] | None, dp2a_roles: set[str]) -> None:
+        """Run the decode GEMVs with these tiles and dp2a roles from the next step on (tuning compares choices)."""
+        self.tuning, self.dp2a_roles = tuning, set(dp2a_roles)
+        self.graph = None  # captured with the old ones
+
     def _dense(self, weights: BenchWeights, name: str) -> Tensor:
         return weights.dense[name].to(device=self.device, dtype=self.dtype)
 

@@ -7,7 +7,9 @@ head), on fresh random INT4 weights rotated through more memory than L2 holds, a
 checking each candidate against ``int4_gemv_reference``; the fastest correct one wins.
 The profile's own choice is always a candidate. Candidates are of two kernels: the W4A16 GEMV,
 and the dp2a GEMV (``ffchat.kernels.dp2a_gemv``: x as int16 codes, the same result to ~1e-5),
-timed together with the launch that quantizes its x, which it needs before it. Timed alone, a GEMV only approximates its
+timed together with the launch that quantizes its x, which it needs before it. A role keeps a
+dp2a winner only if the whole decode step is faster with it too (``confirm_dp2a``): on an H100
+the 8B LM head took 95 us instead of 110 alone and the step no less (BENCHMARKS.md, 2026-12-06). Timed alone, a GEMV only approximates its
 cost inside the captured step (PDL overlaps neighbours): on an H200 the 1B winners, each
 0-2% faster alone, made the step 4% faster; another set, with one GEMV 7% faster alone,
 changed it by nothing (BENCHMARKS.md, 2026-12-02).
@@ -151,6 +153,12 @@ class ProblemResult:
     profile_us: float
     rejected: int  # candidates that failed the reference check or did not compile
     kernel: str = W4A16  # W4A16 or DP2A (with its quantizing launch)
+    w4a16_config: GemvConfig | None = None  # with a DP2A winner: the fastest W4A16 tile, and its time
+    w4a16_us: float = math.nan
+
+    def on_w4a16(self) -> ProblemResult:
+        """This result with its fastest W4A16 tile as the winner."""
+        return dataclasses.replace(self, kernel=W4A16, config=self.w4a16_config, us=self.w4a16_us)
 
 
 def run_gemv(kernel: str, x: torch.Tensor, weights: tuple, group_size: int, config: GemvConfig, **epilogue):
@@ -192,7 +200,10 @@ def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Calla
                           f"reference check on this GPU", hint="report this with `ffchat --debug tune ...`")
     seconds, _, kernel, best = min(timed, key=lambda item: item[0])
     profile_us = next((t for t, index, _, _ in timed if index == 0), math.nan) * 1e6
-    return ProblemResult(problem, best, seconds * 1e6, profile_us, rejected, kernel)
+    w4a16_seconds, _, _, w4a16_best = min((item for item in timed if item[2] == W4A16), key=lambda item: item[0],
+                                          default=(math.nan, 0, W4A16, None))
+    return ProblemResult(problem, best, seconds * 1e6, profile_us, rejected, kernel,
+                         w4a16_best if kernel == DP2A else None, w4a16_seconds * 1e6 if kernel == DP2A else math.nan)
 
 
 def step_us(backend, tokens: list[int]) -> float:
@@ -243,21 +254,49 @@ def compile_all(calls: list[Callable[[], object]]) -> None:
             future.exception()
 
 
-def tune_megakernel(config: ModelConfig, group_size: int, device: torch.device, tuned: dict[str, GemvConfig],
+def step_tokens(config: ModelConfig) -> list[int]:
+    """The token ids ``step_us`` prefills and decodes."""
+    return torch.randint(0, config.vocab_size, (max(TUNE_CONTEXTS) + STEP_REPEATS,),
+                         generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def confirm_dp2a(weights, results: list[ProblemResult], on_candidate: Callable[[], None] = lambda: None
+                 ) -> list[ProblemResult]:
+    """``results`` if the Triton backend's decode step (reading the tuning just saved) is faster with its dp2a
+    winners than with those roles on their fastest W4A16 tiles; else those roles moved back to W4A16.
+
+    Timed alone, a dp2a GEMV after its quantizing launch can win and still not shorten the step, where the
+    launch is one more dependency in the chain (the 8B LM head on an H100: 95 us against 110 alone, the step
+    the same to 0.4%).
+    """
+    from ffchat.triton_backend import TritonBackend
+
+    on_candidate()
+    chosen = {r.problem.role: r for r in results if r.kernel == DP2A}
+    if not chosen:
+        return results
+    tokens = step_tokens(weights.config)
+    backend = TritonBackend(weights, max(TUNE_CONTEXTS) + 1)
+    with_dp2a = step_us(backend, tokens)
+    backend.use_kernels({**backend.tuning, **{role: r.w4a16_config for role, r in chosen.items()}}, set())
+    if with_dp2a < step_us(backend, tokens):
+        return results
+    return [r.on_w4a16() if r.kernel == DP2A else r for r in results]
+
+
+def tune_megakernel(weights, device: torch.device, tuned: dict[str, GemvConfig],
                     on_candidate: Callable[[], None] = lambda: None) -> MegakernelTuning:
     """Time the Triton backend's step, then the megakernel's in every configuration of ``megakernel_candidates``
     that compiles, fits the GPU and passes its start-up check against the Triton backend; the fastest.
 
-    All candidates are compiled first, in parallel; random weights of the shape; every backend is freed before the
-    next is built.
+    All candidates are compiled first, in parallel; ``weights`` random, of the shape; every backend is freed
+    before the next is built.
     """
     from ffchat.megakernel_backend import MegakernelBackend
-    from ffchat.shapes import random_weights
     from ffchat.triton_backend import TritonBackend
 
-    weights = random_weights(config, label="tune", int4=True, group_size=group_size, device=device)
-    tokens = torch.randint(0, config.vocab_size, (max(TUNE_CONTEXTS) + STEP_REPEATS,),
-                           generator=torch.Generator().manual_seed(0)).tolist()
+    config = weights.config
+    tokens = step_tokens(config)
     context = max(TUNE_CONTEXTS) + 1
     triton_us = step_us(TritonBackend(weights, context), tokens)
     on_candidate()
@@ -296,15 +335,24 @@ def tune(config: ModelConfig, group_size: int, device: torch.device,
          ) -> tuple[Path, list[ProblemResult], MegakernelTuning | None, float]:
     """Tune every decode GEMV of the shape on ``device``, then (``megakernel``) the whole-model kernel, and store
     the result; (file, GEMV results, megakernel result, seconds)."""
+    from ffchat.shapes import random_weights
+
     started = time.perf_counter()
     results = [tune_problem(problem, device, on_candidate) for problem in decode_problems(config, group_size)]
     identity = GpuIdentity.of(device)
     path = tuning_path(identity, config, group_size)
     save_tuning(path, identity, results, time.perf_counter() - started)  # the backends timed next read it
+    weights = None
+    if megakernel or any(r.kernel == DP2A for r in results):
+        weights = random_weights(config, label="tune", int4=True, group_size=group_size, device=device)
+    confirmed = confirm_dp2a(weights, results, on_candidate)
+    if confirmed is not results:
+        results = confirmed
+        save_tuning(path, identity, results, time.perf_counter() - started)
     mega = None
     if megakernel:
         w4a16 = {r.problem.role: r.config for r in results if r.kernel == W4A16}  # the megakernel has no dp2a path
-        mega = tune_megakernel(config, group_size, device, w4a16, on_candidate)
+        mega = tune_megakernel(weights, device, w4a16, on_candidate)
         save_tuning(path, identity, results, time.perf_counter() - started, mega)
     return path, results, mega, time.perf_counter() - started
 
@@ -312,7 +360,7 @@ def tune(config: ModelConfig, group_size: int, device: torch.device,
 def progress_steps(config: ModelConfig, group_size: int, device: torch.device, megakernel: bool) -> int:
     """How many times ``tune`` calls its ``on_candidate``: a progress bar's total."""
     gemv = sum(len(candidates(p, device)) for p in decode_problems(config, group_size))
-    return gemv + (MEGAKERNEL_STEPS if megakernel else 0)
+    return gemv + 1 + (MEGAKERNEL_STEPS if megakernel else 0)  # 1: confirm_dp2a
 
 
 def shape_to_tune(model: str | None, shape: str | None) -> tuple[str, ModelConfig, int]:

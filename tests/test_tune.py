@@ -154,3 +154,37 @@ def test_tune_names_the_model_problem_before_the_gpu(tmp_path, tiny_model_dir):
     assert ffchat("pull", str(tiny_model_dir("llama")), "--name", "tiny", **home).returncode == 0
     assert_only_error_line(ffchat("tune", "tiny", **home), "tiny has no INT4 weights", "ffchat quantize tiny")
     assert_only_error_line(ffchat("tune", "tiny", "--shape", "tiny", **home), "not both")
+
+
+@pytest.mark.parametrize("dp2a_faster", [True, False])
+def test_a_dp2a_winner_stays_only_if_the_whole_step_is_faster(monkeypatch, dp2a_faster):
+    """Timed alone the head won with dp2a; the step timed with and without it decides (a fake backend and clock)."""
+    from ffchat import triton_backend, tune
+
+    problems = decode_problems(LLAMA_1B, 128)
+    w4a16_head = GemvConfig(block_n=32, block_k=1024, num_warps=4)
+    results = [result(p, 8) for p in problems[:-1]]
+    results.append(dataclasses.replace(result(problems[-1], 4, DP2A), w4a16_config=w4a16_head, w4a16_us=3.0))
+
+    class FakeBackend:
+        def __init__(self, weights, context):
+            self.tuning = {r.problem.role: r.config for r in results}
+            self.dp2a_roles = {"head"}
+
+        def use_kernels(self, tuning, dp2a_roles):
+            self.tuning, self.dp2a_roles = tuning, dp2a_roles
+
+    def fake_step_us(backend, tokens):
+        assert backend.dp2a_roles or backend.tuning["head"] == w4a16_head, "the comparison runs the W4A16 tile"
+        return 100.0 if bool(backend.dp2a_roles) == dp2a_faster else 110.0
+
+    monkeypatch.setattr(triton_backend, "TritonBackend", FakeBackend)
+    monkeypatch.setattr(tune, "step_us", fake_step_us)
+    weights = type("Weights", (), {"config": LLAMA_1B})()
+    kept = tune.confirm_dp2a(weights, results)
+    if dp2a_faster:
+        assert kept is results
+    else:
+        assert [r.kernel for r in kept] == [W4A16] * len(problems)
+        assert kept[-1].config == w4a16_head and kept[-1].us == 3.0 and kept[:-1] == results[:-1]
+    assert tune.confirm_dp2a(None, results[:-1]) == results[:-1], "nothing to confirm: no step is timed"
