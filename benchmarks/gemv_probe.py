@@ -1,4 +1,4 @@
-"""Batch-1 INT4 GEMV microbenchmark: ffchat's Triton kernels vs torch tinygemm and fp16 cuBLAS.
+"""Batch-1 INT4 GEMV microbenchmark: ffchat's Triton kernels (W4A16, W4A8, dp2a) vs torch tinygemm and fp16 cuBLAS.
 
 Measures, in one run on one GPU: device-to-device copy bandwidth (the roofline), then per
 (N, K) shape the achieved GB/s of every kernel = bytes that must move (INT4 words + fp16
@@ -7,7 +7,7 @@ rotating weight buffers (together > 4x L2) so the cache cannot serve repeats.
 With --sweep it also times a grid of tile configs per shape (compiled in parallel worker
 processes first) and prints the best, which is what kernels/int4_gemv.py's tables hold.
 
-    PYTHONPATH=. python benchmarks/gemv_probe.py --sweep both --json $OUT/gemv.json
+    PYTHONPATH=. python benchmarks/gemv_probe.py --sweep all --json $OUT/gemv.json
 """
 
 from __future__ import annotations

@@ -151,7 +151,9 @@ def tuning_status(config: ModelConfig, group_size: int | None) -> str:
     tuning = load_tuning(identity, config, group_size)
     if tuning is None:
         return "not tuned on this GPU: the profile's tables (the first `ffchat run` tunes, or `ffchat tune`)"
-    return f"tuned on this GPU {tuning.date}; {describe_megakernel(tuning.megakernel)} " \
+    dp2a = sorted(role for role, kernel in tuning.kernels.items() if kernel == "dp2a")
+    kernels = f"GEMVs on dp2a: {', '.join(dp2a)}; " if dp2a else ""
+    return f"tuned on this GPU {tuning.date}; {kernels}{describe_megakernel(tuning.megakernel)} " \
            f"({tuning_path(identity, config, group_size)})"
 
 

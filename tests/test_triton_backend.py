@@ -133,6 +133,18 @@ def test_unsupported_models_are_refused_with_a_reason():
         TritonBackend(bf16, CONTEXT)
 
 
+def configs_passed_to(monkeypatch, module, name: str) -> list:
+    """Wrap ``module.name`` (a GEMV launcher) so every call's ``config`` is appended to the returned list."""
+    seen, real = [], getattr(module, name)
+
+    def spy(*args, config=None, **kwargs):
+        seen.append(config)
+        return real(*args, config=config, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
+
+
 def test_tuned_tiles_reach_the_kernels_and_change_nothing_but_speed(monkeypatch):
     """Configs from `ffchat tune` go to the GEMV launches of their role; the logits stay the reference's."""
     from ffchat import triton_backend
@@ -143,14 +155,7 @@ def test_tuned_tiles_reach_the_kernels_and_change_nothing_but_speed(monkeypatch)
     tiles = {"o": GemvConfig(block_n=4, block_k=32, num_warps=1), "down": GemvConfig(block_n=2, block_k=64,
                                                                                       num_warps=1)}
     triton.tuning = tiles
-    seen = []
-
-    def spy(*args, config=None, **kwargs):
-        seen.append(config)
-        return real(*args, config=config, **kwargs)
-
-    real = triton_backend.int4_gemv
-    monkeypatch.setattr(triton_backend, "int4_gemv", spy)
+    seen = configs_passed_to(monkeypatch, triton_backend, "int4_gemv")
     for backend in (reference, triton):
         backend.prefill([3, 1, 4, 1, 5])
     seen.clear()  # the prefill's one GEMV, its LM head, is not a decode launch
@@ -169,14 +174,7 @@ def test_roles_tuned_to_dp2a_run_it_and_keep_the_logits(monkeypatch):
     reference, triton = backends("qwen2", seed=5)
     head = GemvConfig(block_n=4, block_k=32, num_warps=1)
     triton.tuning, triton.dp2a_roles = {"head": head}, {"head", "down"}
-    seen = []
-
-    def spy(*args, config=None, **kwargs):
-        seen.append(config)
-        return real(*args, config=config, **kwargs)
-
-    real = triton_backend.int4_gemv_dp2a
-    monkeypatch.setattr(triton_backend, "int4_gemv_dp2a", spy)
+    seen = configs_passed_to(monkeypatch, triton_backend, "int4_gemv_dp2a")
     for backend in (reference, triton):
         backend.prefill([2, 7, 1, 8])
     seen.clear()
