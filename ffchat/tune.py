@@ -9,7 +9,8 @@ The profile's own choice is always a candidate. Candidates are of two kernels: t
 and the dp2a GEMV (``ffchat.kernels.dp2a_gemv``: x as int16 codes, the same result to ~1e-5),
 timed together with the launch that quantizes its x, which it needs before it. A role keeps a
 dp2a winner only if the whole decode step is faster with it too (``confirm_dp2a``): on an H100
-the 8B LM head took 95 us instead of 110 alone and the step no less (BENCHMARKS.md, 2026-12-06). Timed alone, a GEMV only approximates its
+the 8B LM head took 95 us instead of 110 alone and the step no less (BENCHMARKS.md, 2026-12-06).
+Timed alone, a GEMV only approximates its
 cost inside the captured step (PDL overlaps neighbours): on an H200 the 1B winners, each
 0-2% faster alone, made the step 4% faster; another set, with one GEMV 7% faster alone,
 changed it by nothing (BENCHMARKS.md, 2026-12-02).
@@ -272,8 +273,8 @@ def confirm_dp2a(weights, results: list[ProblemResult], on_candidate: Callable[[
     from ffchat.triton_backend import TritonBackend
 
     on_candidate()
-    chosen = {r.problem.role: r for r in results if r.kernel == DP2A}
-    if not chosen:
+    chosen = {r.problem.role: r for r in results if r.kernel == DP2A and r.w4a16_config is not None}
+    if not chosen:  # no dp2a winner, or none with a W4A16 tile that passed its check to compare with
         return results
     tokens = step_tokens(weights.config)
     backend = TritonBackend(weights, max(TUNE_CONTEXTS) + 1)
@@ -281,7 +282,7 @@ def confirm_dp2a(weights, results: list[ProblemResult], on_candidate: Callable[[
     backend.use_kernels({**backend.tuning, **{role: r.w4a16_config for role, r in chosen.items()}}, set())
     if with_dp2a < step_us(backend, tokens):
         return results
-    return [r.on_w4a16() if r.kernel == DP2A else r for r in results]
+    return [r.on_w4a16() if r.problem.role in chosen else r for r in results]
 
 
 def tune_megakernel(weights, device: torch.device, tuned: dict[str, GemvConfig],
