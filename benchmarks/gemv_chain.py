@@ -19,23 +19,16 @@ import torch
 from ffchat.kernels import dp2a_gemv
 from ffchat.kernels import int4_gemv as gemv
 from ffchat.tune import graph_time
-from gemv_probe import copy_bandwidth  # beside this file
+from gemv_probe import GROUP, copy_bandwidth, make_set  # beside this file
 
-GROUP = 128
 SHAPES = {"llama-3.2-1b": (2048, 8192, 3072, 16), "llama-3.1-8b": (4096, 14336, 6144, 8)}  # H, I, qkv rows, layers
 DEVICE = "cuda"
 
 
-def linear(n: int, k: int) -> tuple:
-    qweight = torch.randint(-(2**31), 2**31 - 1, (n, k // 8), dtype=torch.int32, device=DEVICE)
-    scales = (torch.rand(n, k // GROUP, device=DEVICE) * 0.004 + 0.001).half()
-    zeros = (torch.rand(n, k // GROUP, device=DEVICE) * 15).half()
-    return qweight, scales, zeros
-
-
 def build(hidden: int, inter: int, qkv_rows: int, layers: int) -> list[dict]:
-    return [{"qkv": linear(qkv_rows, hidden), "o": linear(hidden, hidden), "gate_up": linear(2 * inter, hidden),
-             "down": linear(hidden, inter), "norm": torch.rand(hidden, device=DEVICE).bfloat16() + 0.5}
+    """Distinct random weights per layer (``gemv_probe.make_set``: every int32 is 8 valid nibbles)."""
+    return [{"qkv": make_set(qkv_rows, hidden), "o": make_set(hidden, hidden), "gate_up": make_set(2 * inter, hidden),
+             "down": make_set(hidden, inter), "norm": torch.rand(hidden, device=DEVICE).bfloat16() + 0.5}
             for _ in range(layers)]
 
 
