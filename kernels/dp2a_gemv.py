@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from ffchat.kernels.int4_gemv import (
-    GemvConfig, _check_inputs, _finish, _launch, _load_tile, _reference_epilogue, _rms_normalize, _rms_rstd,
-    pick_config, tile_rows,
+    GemvConfig, check_gemv_inputs, finish_gemv, gemv_reference_epilogue, launch_gemv, load_tile, pick_config,
+    rms_normalize, rms_rstd, tile_rows,
 )
 from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
@@ -92,7 +92,7 @@ def quantize16_groups(x_ptr, planes_ptr, xs_ptr, xsum_ptr, nw_ptr, first_group, 
     offs = grp[:, None] * G + tl.arange(0, G)[None, :]
     x = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0)
     if NORM:
-        x = _rms_normalize(x, rstd, tl.load(nw_ptr + offs, mask=ok[:, None], other=0.0))
+        x = rms_normalize(x, rstd, tl.load(nw_ptr + offs, mask=ok[:, None], other=0.0))
     x = x.to(tl.float32)
     scale, inverse = _power_of_two_scale(tl.max(tl.abs(x), axis=1))
     codes = tl.minimum(tl.maximum(tl.floor(x * inverse[:, None] + 0.5), -32767.0), 32767.0)
@@ -111,7 +111,7 @@ def _quantize16_kernel(x_ptr, planes_ptr, xs_ptr, xsum_ptr, nw_ptr, K, eps, G: t
     and loads its first weights meanwhile."""
     wait_for_inputs(PDL)
     release_dependents(PDL)
-    rstd = _rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS) if NORM else 1.0  # all of K first: x sits in L2
+    rstd = rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS) if NORM else 1.0  # all of K first: x sits in L2
     quantize16_groups(x_ptr, planes_ptr, xs_ptr, xsum_ptr, nw_ptr, tl.program_id(0) * BLOCK_G, K, rstd, G, BLOCK_G,
                       NORM)
 
@@ -155,7 +155,7 @@ def dp2a_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS: tl.constexp
     rows, row_ok, w_offs, x_offs, sz_offs = _tile_offsets(block, N, K, G, BLOCK_N, BLOCK_K, W_ALIGN, GATED)
     first = split * CHUNKS * GROUPS
     g_ok = (first + tl.arange(0, GROUPS)) < K // G
-    return _load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, first, row_ok[:, None] & g_ok[None, :], G // 8, EVEN)
+    return load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, first, row_ok[:, None] & g_ok[None, :], G // 8, EVEN)
 
 
 @triton.jit
@@ -181,7 +181,7 @@ def dp2a_accumulate(block, split, w, s, z, planes_ptr, xs_ptr, xsum_ptr, w_ptr, 
         w_now, s_now, z_now = w, s, z
         if c + 1 < CHUNKS:  # the next tile's loads fly while this one is computed
             n_ok = (g0 + GROUPS + grp) < groups_per_row
-            w, s, z = _load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok[:, None] & n_ok[None, :],
+            w, s, z = load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok[:, None] & n_ok[None, :],
                                  WORDS, EVEN)
         low = w_now & _NIBBLES  # bytes b: nibble of input 8j + b
         high = (w_now >> 4) & _NIBBLES  # input 8j + 4 + b
@@ -213,7 +213,7 @@ def _int4_gemv_dp2a_kernel(
     y = dp2a_accumulate(block, split, w, s, z, planes_ptr, xs_ptr, xsum_ptr, w_ptr, s_ptr, z_ptr, N, K, CHUNKS, G,
                         BLOCK_N, BLOCK_K, W_ALIGN, EVEN, GATED, USE_ASM)
     rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
-    _finish(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+    finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
             SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
@@ -286,7 +286,7 @@ def int4_gemv_dp2a(
     ``norm_weight`` (ignored with ``act``) and ``gated`` as in ``int4_gemv``: the RMSNorm runs in
     the quantizing launch, the SwiGLU in the GEMV's epilogue. ``config``: the W4A8 table's tiles by default.
     """
-    n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
+    n, k = check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
                          norm_weight=norm_weight)
     act = act or quantize_activation16(x, group_size, norm_weight=norm_weight, norm_eps=norm_eps)
     cfg = config or pick_config(qweight.shape[0], k, group_size, gated=gated, w4a8=True, device=x.device)
@@ -294,7 +294,7 @@ def int4_gemv_dp2a(
         raise ValueError("prefetch is a W4A16 option; the dp2a kernel always requests the next tile first")
     inputs = (act.planes, act.scales, act.sums) + tuple(t.contiguous() for t in (qweight, scales, zeros))
     use_asm = not interpreted(_int4_gemv_dp2a_kernel)  # inline asm cannot be interpreted
-    return _launch(_int4_gemv_dp2a_kernel, inputs, n, k, group_size, cfg, bias, residual, out, act.dtype, x.device,
+    return launch_gemv(_int4_gemv_dp2a_kernel, inputs, n, k, group_size, cfg, bias, residual, out, act.dtype, x.device,
                    part_rows=qweight.shape[0], USE_ASM=use_asm, GATED=gated)
 
 
@@ -315,4 +315,4 @@ def int4_gemv_dp2a_reference(
     x_in = x if norm_weight is None else rms_norm(x, norm_weight, norm_eps).to(x.dtype)
     codes, code_scales = int16_codes(x_in, group_size)
     y = dequantize(qweight, scales, zeros, group_size) @ (codes * code_scales[:, None]).view(-1)
-    return _reference_epilogue(y, bias, residual, gated, x.dtype)
+    return gemv_reference_epilogue(y, bias, residual, gated, x.dtype)

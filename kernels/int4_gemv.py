@@ -166,7 +166,7 @@ def gemv_epilogue(y, block, rows, row_ok, N, bias_ptr, res_ptr, out_ptr,
 
 
 @triton.jit
-def _finish(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+def finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
             SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
             GATED: tl.constexpr = False, BLOCK_N: tl.constexpr = 1):
     """Epilogue directly, or (split-K) publish this slice's partial and let the last slice to arrive sum them.
@@ -196,7 +196,7 @@ def _finish(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res
 
 
 @triton.jit
-def _load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, tile_ok, WORDS: tl.constexpr, EVEN: tl.constexpr):
+def load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, tile_ok, WORDS: tl.constexpr, EVEN: tl.constexpr):
     """One tile's packed words [rows, groups, words] (streamed: evict first) and fp32 scales/zeros [rows, groups]."""
     if EVEN:
         w = tl.load(w_ptr + w_offs + g0 * WORDS, eviction_policy="evict_first")
@@ -210,7 +210,7 @@ def _load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, tile_ok, WORDS: tl.cons
 
 
 @triton.jit
-def _rms_rstd(x_ptr, K, eps, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr):
+def rms_rstd(x_ptr, K, eps, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr):
     """rsqrt(mean(x^2) + eps) over all K inputs, in fp32 (NORM_CHUNKS blocks of NORM_BLOCK, masked)."""
     offs = tl.arange(0, NORM_BLOCK)
     sq = tl.zeros((NORM_BLOCK,), dtype=tl.float32)
@@ -221,7 +221,7 @@ def _rms_rstd(x_ptr, K, eps, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr
 
 
 @triton.jit
-def _rms_normalize(x, rstd, nw):
+def rms_normalize(x, rstd, nw):
     """As ``ffchat.model.rms_norm``: x * rstd rounded to x's dtype, times the norm weight, rounded again."""
     x_dtype = x.dtype
     return ((x.to(tl.float32) * rstd).to(x_dtype).to(tl.float32) * nw.to(tl.float32)).to(x_dtype)
@@ -319,7 +319,7 @@ def gemv_accumulate(
     groups_per_row = K // G
     first = split * CHUNKS * GROUPS
     if NORM:  # the whole vector's statistic first: every program needs it for its first tile
-        rstd = _rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS)
+        rstd = rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS)
     acc = tl.zeros((TILE_N, GROUPS), dtype=tl.float32)
     for c in range(CHUNKS):  # a constexpr trip count: the interpreter cannot loop to a runtime scalar
         g0 = first + c * GROUPS
@@ -338,7 +338,7 @@ def gemv_accumulate(
                 w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
                                         words_per_row, groups_per_row, WORDS, EVEN)
         if NORM:
-            x8 = _rms_normalize(x8, rstd, nw)
+            x8 = rms_normalize(x8, rstd, nw)
         x8 = x8.to(tl.float32)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x8, COLS)
         # Four moves put two nibbles each into the windows of _nibble_pair: planes 0-3 land high,
@@ -390,7 +390,7 @@ def _int4_gemv_kernel(
     y = gemv_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, high_mask, low_mask, one, nw_ptr,
                         eps, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, NORM, NORM_BLOCK, NORM_CHUNKS, GATED, PREFETCH)
     rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
-    _finish(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+    finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
             SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
@@ -436,7 +436,7 @@ def _int4_gemv_w4a8_kernel(
     for c in range(CHUNKS):
         g0 = (split * CHUNKS + c) * GROUPS
         g_ok = (g0 + grp) < groups_per_row
-        w, s, z = _load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok[:, None] & g_ok[None, :], WORDS, EVEN)
+        w, s, z = load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok[:, None] & g_ok[None, :], WORDS, EVEN)
         xlo = tl.load(xq_ptr + xw_offs + 2 * g0 * WORDS, mask=g_ok[:, None], other=0)
         xhi = tl.load(xq_ptr + xw_offs + (2 * g0 * WORDS + 1), mask=g_ok[:, None], other=0)
         d = _dp4a(w & 0x0F0F0F0F, xlo[None, :, :], tl.zeros_like(w), USE_ASM)
@@ -444,7 +444,7 @@ def _int4_gemv_w4a8_kernel(
         xs = tl.load(xs_ptr + g0 + grp, mask=g_ok, other=0.0)
         xq_sum = tl.load(xsum_ptr + g0 + grp, mask=g_ok, other=0.0)
         acc += s * xs[None, :] * (tl.sum(d, axis=2).to(tl.float32) - z * xq_sum[None, :])
-    _finish(tl.sum(acc, axis=1), block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+    finish_gemv(tl.sum(acc, axis=1), block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
             SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
@@ -460,8 +460,8 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, nw_ptr, num_groups, K, e
     offs = grp[:, None] * G + tl.arange(0, G)[None, :]
     x = tl.load(x_ptr + offs, mask=ok[:, None], other=0.0)
     if NORM:  # every program sums x^2 over all of K first (x is small and in L2)
-        rstd = _rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS)
-        x = _rms_normalize(x, rstd, tl.load(nw_ptr + offs, mask=ok[:, None], other=0.0))
+        rstd = rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS)
+        x = rms_normalize(x, rstd, tl.load(nw_ptr + offs, mask=ok[:, None], other=0.0))
     x = x.to(tl.float32)
     scale = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-30) / 127.0
     q = tl.minimum(tl.maximum(tl.floor(x / scale[:, None] + 0.5), -127.0), 127.0)
@@ -487,7 +487,7 @@ def _arrival_counters(device: torch.device, needed: int) -> torch.Tensor:
     return counters
 
 
-def _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, *, gated=False,
+def check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, *, gated=False,
                   norm_weight=None) -> tuple[int, int]:
     """(outputs, K): N, or I = N / 2 with ``gated``."""
     if x.dim() != 1 or x.dtype not in (torch.float16, torch.bfloat16):
@@ -515,8 +515,8 @@ def _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, *,
     return n_out, k
 
 
-def _launch(kernel, inputs, n, k, group_size, cfg, bias, residual, out, dtype, device, extra_args=(), part_rows=None,
-            **extra):
+def launch_gemv(kernel, inputs, n, k, group_size, cfg, bias, residual, out, dtype, device, extra_args=(),
+                part_rows=None, **extra):
     """Shared launcher: grid of (row blocks, K slices), workspace for split-K, dummy pointers for absent tensors.
 
     n is the number of outputs; ``part_rows`` (default n) the width of a split-K partial.
@@ -569,7 +569,7 @@ def int4_gemv(
     y[I] = silu(gate x + b_gate) * (up x + b_up), in fp32, rounded once; no ``residual``.
     Split-K launches share per-device counters: launch them from one stream at a time.
     """
-    n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
+    n, k = check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
                          norm_weight=norm_weight)
     cfg = config or pick_config(qweight.shape[0], k, group_size, gated=gated, device=x.device)
     inputs = tuple(t.contiguous() for t in (x, qweight, scales, zeros))
@@ -580,7 +580,7 @@ def int4_gemv(
     else:  # fixed values, so the plain kernel is compiled once whatever K is
         norm = {"NORM": False, "NORM_BLOCK": 1, "NORM_CHUNKS": 0}
         norm_args = (inputs[0], 0.0)
-    return _launch(_int4_gemv_kernel, inputs, n, k, group_size, cfg, bias, residual, out, x.dtype, x.device,
+    return launch_gemv(_int4_gemv_kernel, inputs, n, k, group_size, cfg, bias, residual, out, x.dtype, x.device,
                    extra_args=(HIGH_NIBBLE, LOW_NIBBLE, ONE_F32) + norm_args, part_rows=qweight.shape[0],
                    GATED=gated, PREFETCH=cfg.prefetch, **norm)
 
@@ -604,10 +604,10 @@ def int4_gemv_reference(
     """
     x_in = x if norm_weight is None else rms_norm(x, norm_weight, norm_eps).to(x.dtype)
     y = dequantize(qweight, scales, zeros, group_size) @ x_in.float()
-    return _reference_epilogue(y, bias, residual, gated, x.dtype)
+    return gemv_reference_epilogue(y, bias, residual, gated, x.dtype)
 
 
-def _reference_epilogue(y: torch.Tensor, bias, residual, gated: bool, dtype: torch.dtype) -> torch.Tensor:
+def gemv_reference_epilogue(y: torch.Tensor, bias, residual, gated: bool, dtype: torch.dtype) -> torch.Tensor:
     """The references' epilogue in fp32, one final rounding: + bias + residual, or silu(gate) * up when gated."""
     if gated and residual is not None:
         raise ValueError("residual cannot be combined with gated")
@@ -689,7 +689,7 @@ def int4_gemv_w4a8(
     the quantizing launch, the SwiGLU in the GEMV's epilogue. Costs ~1e-2 relative error against
     fp16 activations; measure perplexity before choosing it.
     """
-    n, k = _check_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
+    n, k = check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
                          norm_weight=norm_weight)
     act = act or quantize_activation(x, group_size, norm_weight=norm_weight, norm_eps=norm_eps)
     cfg = config or pick_config(qweight.shape[0], k, group_size, gated=gated, w4a8=True, device=x.device)
@@ -697,7 +697,7 @@ def int4_gemv_w4a8(
         raise ValueError("prefetch is a W4A16 option; the W4A8 kernel has none")
     inputs = (act.codes.view(torch.int32), act.scales, act.sums) + tuple(t.contiguous() for t in (qweight, scales, zeros))
     use_asm = not interpreted(_int4_gemv_w4a8_kernel)  # inline asm cannot be interpreted
-    return _launch(_int4_gemv_w4a8_kernel, inputs, n, k, group_size, cfg, bias, residual, out, act.dtype, x.device,
+    return launch_gemv(_int4_gemv_w4a8_kernel, inputs, n, k, group_size, cfg, bias, residual, out, act.dtype, x.device,
                    part_rows=qweight.shape[0], USE_ASM=use_asm, GATED=gated)
 
 
@@ -718,4 +718,4 @@ def int4_gemv_w4a8_reference(
     act = quantize_activation_reference(x, group_size, norm_weight=norm_weight, norm_eps=norm_eps)
     x_rounded = (act.codes.float().view(-1, group_size) * act.scales[:, None]).view(-1)
     y = dequantize(qweight, scales, zeros, group_size) @ x_rounded
-    return _reference_epilogue(y, bias, residual, gated, x.dtype)
+    return gemv_reference_epilogue(y, bias, residual, gated, x.dtype)
