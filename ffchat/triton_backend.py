@@ -124,8 +124,10 @@ class TritonBackend:
         # (token, tokens cached once it is appended): everything the captured step reads from the host.
         self.step_ids = torch.zeros(2, dtype=torch.int32, device=self.device)
         self.logits = torch.zeros(config.vocab_size, dtype=torch.float32, device=self.device)
+        # Shares sized for the model's KV heads: sized for one (the worst case), a 128k cache gave the 1B 512
+        # shares a head, 4096 programs a layer, mostly idle: 707 instead of 506 us a step at 128 cached tokens.
         self.attention_workspace = make_workspace(config.num_heads, config.head_dim, context_length,
-                                                  device=self.device)
+                                                  num_kv_heads=config.num_kv_heads, device=self.device)
         largest = max(linear.qweight.numel() * 8 for layer in self.layers
                       for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
         self.scratch = torch.empty(largest, dtype=dtype, device=self.device)  # prefill's dequantized weight

@@ -24,8 +24,9 @@ runs Hq programs in parallel and overlaps the next launch under PDL.
 Why the split is dynamic: ``length`` is a device tensor (so one captured CUDA graph serves
 every position), the grid is fixed by the cache capacity, and the kernel divides the keys
 actually attended into ``splits`` equal BLOCK_N-rounded shares. Short contexts still spread
-over several programs, long ones over all of them; shares past the end do nothing and are
-left out of the reduce, so nothing has to be written for them. No host sync, no allocation
+over several programs, long ones over all of them; shares past the end do nothing and the
+combine reads only the shares that attended keys, so nothing has to be written for the others
+and a short context in a long cache pays for two shares, not for the whole grid. No host sync, no allocation
 when a workspace is given.
 
 Under PDL (``ffchat.kernels.pdl``) each program requests its first block of cached keys and
@@ -253,12 +254,12 @@ def _combine_heads(m_ptr, l_ptr, acc_ptr, first_head, heads, active, out_ptr, st
     rows = tl.arange(0, ROWS)
     row_ok = rows < heads
     head = first_head + rows
-    SPLIT_BLOCKS: tl.constexpr = (SPLITS + BLOCK_S - 1) // BLOCK_S
     big_m = tl.full((ROWS,), float("-inf"), dtype=tl.float32)
     total = tl.zeros((ROWS,), dtype=tl.float32)
     acc = tl.zeros((ROWS, D), dtype=tl.float32)
-    for b in range(SPLIT_BLOCKS):  # constexpr trip count; shares >= active are masked
-        s = b * BLOCK_S + tl.arange(0, BLOCK_S)
+    first = 0
+    while first < active:  # only the shares that attended keys: a short context reads one block, not SPLITS
+        s = first + tl.arange(0, BLOCK_S)
         ok = row_ok[:, None] & (s[None, :] < active)
         slot = head[:, None] * SPLITS + s[None, :]
         m = tl.load(m_ptr + slot, mask=ok, other=float("-inf"))
@@ -270,6 +271,7 @@ def _combine_heads(m_ptr, l_ptr, acc_ptr, first_head, heads, active, out_ptr, st
         total = total * alpha + tl.sum(w * tl.load(l_ptr + slot, mask=ok, other=0.0), axis=1)
         acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * parts, axis=1)
         big_m = new_m
+        first += BLOCK_S
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     tl.store(out_ptr + head[:, None] * stride_oh + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
