@@ -26,8 +26,8 @@ every position), the grid is fixed by the cache capacity, and the kernel divides
 actually attended into ``splits`` equal BLOCK_N-rounded shares. Short contexts still spread
 over several programs, long ones over all of them; shares past the end do nothing and the
 combine reads only the shares that attended keys, so nothing has to be written for the others
-and a short context in a long cache pays for two shares, not for the whole grid. No host sync, no allocation
-when a workspace is given.
+and a short context in a long cache pays for two shares, not for the whole grid. No host
+sync, no allocation when a workspace is given.
 
 Under PDL (``ffchat.kernels.pdl``) each program requests its first block of cached keys and
 values, and the RoPE row, before waiting for the QKV projection: no kernel of the step writes
