@@ -61,6 +61,7 @@ class DecodeAttentionConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    prefetch_blocks: int = 1  # blocks of cached keys a share requests before waiting for qkv
 
 
 def pick_config(max_seq_len: int, num_kv_heads: int = 1, head_dim: int = 64, *, num_sms: int | None = None,
@@ -70,14 +71,22 @@ def pick_config(max_seq_len: int, num_kv_heads: int = 1, head_dim: int = 64, *, 
     ``num_kv_heads=1`` sizes for the worst case (most splits). Heads of 128 dims or more get 8
     warps: on an H200 the 8B step at context 128-2048 ran 2-3% faster with 8 than with 4,
     the 64-dim 1B step 1-3% slower (BENCHMARKS.md, 2026-12-02).
+
+    Two blocks of keys are requested before the wait where heads have at most 64 dims and the grid
+    is at most two programs an SM. On an H100 (BENCHMARKS.md, 2026-12-06, stop 20) that took the
+    1B step at 4096 cached tokens from 573.5 to 556.3 us (32 shares) at +2.4 us at 128; with 64
+    shares (a 128k cache, 512 programs) it cost 15 us at 128 and gained nothing at 4096; the 8B
+    (128 dims) lost 36 us at 128 for 29 at 4096.
     """
     if num_sms is None:
         num_sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
     wanted = triton.next_power_of_2(triton.cdiv(2 * num_sms, num_kv_heads))
     most = max(1, max_seq_len // min_chunk)
     splits = max(1, min(wanted, 1 << (most.bit_length() - 1)))  # powers of two: shares align with BLOCK_N
+    co_resident = splits * num_kv_heads <= 2 * num_sms
     return DecodeAttentionConfig(splits=splits, block_n=max(16, min(block_n, triton.next_power_of_2(max_seq_len))),
-                                 num_warps=8 if head_dim >= 128 else 4)
+                                 num_warps=8 if head_dim >= 128 else 4,
+                                 prefetch_blocks=2 if head_dim <= 64 and co_resident else 1)
 
 
 @dataclass(frozen=True)
@@ -143,10 +152,10 @@ def _attend_block(q, k, v, key_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.co
 @triton.jit
 def attention_prefetch(kv, split, len_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, stride_kh, stride_kn, stride_vh, stride_vn,
                        S, table_len, window, D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                       HAS_WINDOW: tl.constexpr):
+                       FIRST_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """What share ``split`` of KV head ``kv`` can load before the QKV projection exists.
 
-    Only what no op of this step writes: the first block of earlier tokens' keys and values,
+    Only what no op of this step writes: the share's first FIRST_N earlier tokens' keys and values,
     and the RoPE row of the new position. Returns them with the attended range (lo, length, share).
     """
     lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
@@ -155,7 +164,7 @@ def attention_prefetch(kv, split, len_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, strid
     cached = tl.minimum(tl.minimum(start + share, length), pos)  # keys start..cached-1 come from the cache
     offs_d = tl.arange(0, D)
     k0, v0, ok0 = _load_keys(k_ptr + kv.to(tl.int64) * stride_kh, v_ptr + kv.to(tl.int64) * stride_vh, start, cached,
-                             stride_kn, stride_vn, BLOCK_N, D)
+                             stride_kn, stride_vn, FIRST_N, D)
     in_table = (offs_d * 0 + pos < table_len) & (pos >= 0)
     cos = tl.load(cos_ptr + pos * D + offs_d, mask=in_table, other=0.0)
     sin = tl.load(sin_ptr + pos * D + offs_d, mask=in_table, other=0.0)
@@ -168,13 +177,13 @@ def attention_share(
     qkv_ptr, q_norm_ptr, k_norm_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr, arrivals_ptr, out_ptr, stride_oh,
     stride_kh, stride_kn, stride_vh, stride_vn, qk_scale, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr,
-    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, HAS_Q_NORM: tl.constexpr,
-    HAS_K_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, FIRST_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
     COMBINE: tl.constexpr, COMBINE_ROWS: tl.constexpr,
 ):
-    """Share ``split`` of KV head ``kv`` once qkv is written: its partial; with COMBINE, if it is the head's last
-    share to finish, also the group's output (the whole-model kernel; standalone, ``_reduce_kernel`` does that),
-    its GROUP heads padded to COMBINE_ROWS (a power of two)."""
+    """Share ``split`` of KV head ``kv`` once qkv is written (its first FIRST_N keys already loaded as k0, v0): its
+    partial; with COMBINE, if it is the head's last share to finish, also the group's output (the whole-model
+    kernel; standalone, ``_reduce_kernel`` does that), its GROUP heads padded to COMBINE_ROWS (a power of two)."""
     GROUP: tl.constexpr = HQ // HKV
     pos = length - 1
     start = lo + split * share
@@ -198,13 +207,13 @@ def attention_share(
         if start < cached:
             m_i, l_i, acc = _attend_block(q, k0, v0, ok0, m_i, l_i, acc, qk_scale, DOT_PRECISION)
         if INTERPRET:  # the interpreter cannot run range() to a tensor bound (numpy >= 2.3)
-            n0 = start + BLOCK_N
+            n0 = start + FIRST_N
             while n0 < cached:
                 k, v, key_ok = _load_keys(k_head, v_head, n0, cached, stride_kn, stride_vn, BLOCK_N, D)
                 m_i, l_i, acc = _attend_block(q, k, v, key_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
                 n0 += BLOCK_N
         else:
-            for n0 in range(start + BLOCK_N, cached, BLOCK_N):
+            for n0 in range(start + FIRST_N, cached, BLOCK_N):
                 k, v, key_ok = _load_keys(k_head, v_head, n0, cached, stride_kn, stride_vn, BLOCK_N, D)
                 m_i, l_i, acc = _attend_block(q, k, v, key_ok, m_i, l_i, acc, qk_scale, DOT_PRECISION)
         if stop == length:  # this share ends at the new token: rotate its key, append it, attend to it
@@ -282,19 +291,20 @@ def _partial_kernel(
     qkv_ptr, len_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, k_ptr, v_ptr, m_ptr, l_ptr, acc_ptr,
     stride_kh, stride_kn, stride_vh, stride_vn, S, table_len, window, qk_scale, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, FIRST_N: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_Q_NORM: tl.constexpr,
+    HAS_K_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     kv, split = tl.program_id(0), tl.program_id(1)
     k0, v0, ok0, cos, sin, lo, length, share = attention_prefetch(
         kv, split, len_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, stride_kh, stride_kn, stride_vh, stride_vn, S, table_len,
-        window, D, SPLITS, BLOCK_N, HAS_WINDOW)
+        window, D, SPLITS, BLOCK_N, FIRST_N, HAS_WINDOW)
     wait_for_inputs(PDL)
     release_dependents(PDL)
     # Without COMBINE the arrival counters, output and its stride are never touched: placeholders.
     attention_share(kv, split, k0, v0, ok0, cos, sin, lo, length, share, qkv_ptr, q_norm_ptr, k_norm_ptr, k_ptr, v_ptr,
                     m_ptr, l_ptr, acc_ptr, len_ptr, acc_ptr, D, stride_kh, stride_kn, stride_vh, stride_vn,
-                    qk_scale, eps, HQ, HKV, GROUP_ROWS, D, SPLITS, BLOCK_N, 1, HAS_Q_NORM,
+                    qk_scale, eps, HQ, HKV, GROUP_ROWS, D, SPLITS, BLOCK_N, FIRST_N, 1, HAS_Q_NORM,
                     HAS_K_NORM, DOT_PRECISION, INTERPRET, DOT_FP32, False, 1)
 
 
@@ -347,8 +357,8 @@ def _check(qkv, k_cache, v_cache, length, cos, sin, num_heads, q_norm, k_norm, o
     if length.numel() != 1 or length.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"length must be a one-element int32 tensor on the device, got {tuple(length.shape)} "
                          f"{length.dtype}")
-    if cfg.splits < 1 or cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1):
-        raise ValueError(f"bad config {cfg}: splits >= 1, block_n a power of two >= 16")
+    if cfg.splits < 1 or cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1) or cfg.prefetch_blocks not in (1, 2, 4):
+        raise ValueError(f"bad config {cfg}: splits >= 1, block_n a power of two >= 16, prefetch_blocks 1, 2 or 4")
     if out is not None and (tuple(out.shape) != (hq, d) or out.dtype != qkv.dtype or out.stride(1) != 1):
         raise ValueError(f"out must be [{hq}, {d}] {qkv.dtype} with contiguous rows")
     if workspace is not None:
@@ -408,9 +418,9 @@ def decode_attention(
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1), s, cos.shape[0], window,
         scale * LOG2E, eps,
         HQ=hq, HKV=hkv, GROUP_ROWS=max(MIN_HEAD_ROWS, triton.next_power_of_2(hq // hkv)), D=d, SPLITS=cfg.splits,
-        BLOCK_N=cfg.block_n, HAS_WINDOW=sliding_window is not None, HAS_Q_NORM=q_norm is not None,
-        HAS_K_NORM=k_norm is not None, DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32",
-        INTERPRET=_INTERPRETED,
+        BLOCK_N=cfg.block_n, FIRST_N=cfg.block_n * cfg.prefetch_blocks, HAS_WINDOW=sliding_window is not None,
+        HAS_Q_NORM=q_norm is not None, HAS_K_NORM=k_norm is not None,
+        DOT_PRECISION="ieee" if qkv.dtype == torch.float32 else "tf32", INTERPRET=_INTERPRETED,
         DOT_FP32=_INTERPRETED and qkv.dtype == torch.bfloat16,  # the interpreter's tl.dot misreads bf16
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **launch_options(qkv.device),
     )

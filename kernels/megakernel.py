@@ -294,13 +294,13 @@ def _megakernel(
             v_layer = v_ptr + at * (HKV * stride_kh)
             k0, v0, ok0, cos, sin, lo, length, share = attention_prefetch(
                 kv, split, step_ptr + 1, cos_ptr, sin_ptr, k_layer, v_layer, stride_kh, D, stride_kh, D, S,
-                table_len, window, D, SPLITS, ATT_BLOCK_N, HAS_WINDOW)
+                table_len, window, D, SPLITS, ATT_BLOCK_N, ATT_BLOCK_N, HAS_WINDOW)
             wait_count(counters_ptr, wait_index, wait_target, cap, error_ptr)
             stamp(entry_stamps, _READY, clock_ptr, TRACE, INTERPRET)
             attention_share(kv, split, k0, v0, ok0, cos, sin, lo, length, share, qkv_ptr, q_norm_ptr + at * D,
                             k_norm_ptr + at * D, k_layer, v_layer, m_ptr, l_ptr, acc_ptr, arrivals_ptr, attn_ptr, D,
                             stride_kh, D, stride_kh, D, qk_scale, eps, HQ, HKV, GROUP_ROWS, D, SPLITS,
-                            ATT_BLOCK_N, BLOCK_S, HAS_Q_NORM, HAS_K_NORM, DOT_PRECISION, INTERPRET, DOT_FP32,
+                            ATT_BLOCK_N, ATT_BLOCK_N, BLOCK_S, HAS_Q_NORM, HAS_K_NORM, DOT_PRECISION, INTERPRET, DOT_FP32,
                             True, COMBINE_ROWS)
         if op == _O:
             _gemv_op(entry_stamps, clock_ptr, TRACE, INTERPRET,

@@ -111,6 +111,31 @@ def test_matches_reference(hq, hkv, d, norm, dtype):
         assert torch.equal(k[:, others], case.k[:, others]), length
 
 
+@pytest.mark.parametrize("splits, prefetch_blocks", [(3, 2), (2, 2), (1, 4)])
+def test_keys_requested_before_the_wait(splits, prefetch_blocks):
+    """A share's first prefetch_blocks blocks load before qkv is read: shares shorter than that (masked), as long,
+    and longer (the loop goes on after them), with and without a window."""
+    case = Case(4, 2, 16, torch.float32, seed=30 + splits)
+    cfg = da.DecodeAttentionConfig(splits=splits, block_n=16, prefetch_blocks=prefetch_blocks)
+    for window in (None, 20):
+        for length in LENGTHS:
+            y, k, _ = case.run(length, config=cfg, sliding_window=window)
+            y_ref, k_ref, _ = case.reference(length, sliding_window=window)
+            assert rel_err(y, y_ref) < TOL[torch.float32], (window, length)
+            assert rel_err(k[:, length - 1], k_ref[:, length - 1]) < TOL[torch.float32], (window, length)
+
+
+@pytest.mark.parametrize("cache, kv_heads, head_dim, splits, prefetch_blocks", [
+    (4352, 8, 64, 32, 2),  # Llama-3.2-1B at a bench-sized cache: 256 programs, two blocks before the wait
+    (131072, 8, 64, 64, 1),  # its full cache: 512 programs, more than two an SM
+    (4352, 8, 128, 32, 1),  # Llama-3.1-8B's 128-dim heads
+    (4352, 2, 64, 32, 2),  # Qwen2.5-0.5B
+])
+def test_default_config_for_known_shapes(cache, kv_heads, head_dim, splits, prefetch_blocks):
+    cfg = da.pick_config(cache, kv_heads, head_dim, num_sms=132)
+    assert (cfg.splits, cfg.prefetch_blocks) == (splits, prefetch_blocks)
+
+
 def test_combine_in_several_steps():
     """Sixty-four shares of 128-dim heads combine in two steps of 32: the running log-sum-exp carries across."""
     cfg = da.DecodeAttentionConfig(splits=64, block_n=16)
