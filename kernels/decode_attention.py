@@ -18,8 +18,9 @@ The whole-model kernel calls the partial's two halves (``attention_prefetch``,
 ``attention_share``) with COMBINE: there the last share of a KV head to finish (an atomic
 arrival counter) combines the group's shares itself, as a reduce op would cost a wait of
 every program. Standalone, the same in-launch combine measured slower than the reduce launch
-on an H200 (8B step 2025 vs 1961 us at context 512; BENCHMARKS.md, 2026-12-02): the reduce
-runs Hq programs in parallel and overlaps the next launch under PDL.
+on an H200 (8B step 2025 vs 1961 us at context 512; BENCHMARKS.md, 2026-12-02) and again, with
+the one-pass combine, on an H100 (1B 591.5 vs 573.5 us at 4096; stop 20): the reduce runs Hq
+programs in parallel and overlaps the next launch under PDL.
 
 Why the split is dynamic: ``length`` is a device tensor (so one captured CUDA graph serves
 every position), the grid is fixed by the cache capacity, and the kernel divides the keys
@@ -29,8 +30,8 @@ combine reads only the shares that attended keys, so nothing has to be written f
 and a short context in a long cache pays for two shares, not for the whole grid. No host
 sync, no allocation when a workspace is given.
 
-Under PDL (``ffchat.kernels.pdl``) each program requests its first block of cached keys and
-values, and the RoPE row, before waiting for the QKV projection: no kernel of the step writes
+Under PDL (``ffchat.kernels.pdl``) each program requests its first block (or two, see
+``pick_config``) of cached keys and values, and the RoPE row, before waiting for the QKV projection: no kernel of the step writes
 them (the new token's slot is never read from the cache), so the loads overlap the previous
 kernel's tail. On an H200 that made the fused step faster than a separate RoPE launch; with
 the loads after the wait it was slower (BENCHMARKS.md, 2026-12-02).
