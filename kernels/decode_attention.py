@@ -31,9 +31,9 @@ and a short context in a long cache pays for two shares, not for the whole grid.
 sync, no allocation when a workspace is given.
 
 Under PDL (``ffchat.kernels.pdl``) each program requests its first block (or two, see
-``pick_config``) of cached keys and values, and the RoPE row, before waiting for the QKV projection: no kernel of the step writes
-them (the new token's slot is never read from the cache), so the loads overlap the previous
-kernel's tail. On an H200 that made the fused step faster than a separate RoPE launch; with
+``pick_config``) of cached keys and values, and the RoPE row, before waiting for the QKV
+projection: no kernel of the step writes them (the new token's slot is never read from the
+cache), so the loads overlap the previous kernel's tail. On an H200 that made the fused step faster than a separate RoPE launch; with
 the loads after the wait it was slower (BENCHMARKS.md, 2026-12-02).
 """
 
@@ -179,7 +179,8 @@ def attention_share(
     stride_kh, stride_kn, stride_vh, stride_vn, qk_scale, eps,
     HQ: tl.constexpr, HKV: tl.constexpr, GROUP_ROWS: tl.constexpr, D: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, FIRST_N: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr, DOT_FP32: tl.constexpr,
+    HAS_Q_NORM: tl.constexpr, HAS_K_NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    DOT_FP32: tl.constexpr,
     COMBINE: tl.constexpr, COMBINE_ROWS: tl.constexpr,
 ):
     """Share ``split`` of KV head ``kv`` once qkv is written (its first FIRST_N keys already loaded as k0, v0): its
@@ -358,7 +359,8 @@ def _check(qkv, k_cache, v_cache, length, cos, sin, num_heads, q_norm, k_norm, o
     if length.numel() != 1 or length.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"length must be a one-element int32 tensor on the device, got {tuple(length.shape)} "
                          f"{length.dtype}")
-    if cfg.splits < 1 or cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1) or cfg.prefetch_blocks not in (1, 2, 4):
+    if cfg.splits < 1 or cfg.block_n < 16 or cfg.block_n & (cfg.block_n - 1) \
+            or cfg.prefetch_blocks not in (1, 2, 4):
         raise ValueError(f"bad config {cfg}: splits >= 1, block_n a power of two >= 16, prefetch_blocks 1, 2 or 4")
     if out is not None and (tuple(out.shape) != (hq, d) or out.dtype != qkv.dtype or out.stride(1) != 1):
         raise ValueError(f"out must be [{hq}, {d}] {qkv.dtype} with contiguous rows")
