@@ -50,6 +50,7 @@ COPY_REPEATS = 20
 PREFILL_REPEATS = 5
 DEFAULT_SHAPE = "llama-3.2-1b"
 GENERATE_PROMPT = 128  # tokens before a timed answer
+MAX_CACHE = "max"  # --ctx max: the model's maximum context, as `ffchat run` allocates where memory allows
 # How `ffchat bench` samples the answers it times: greedy, and Ollama's defaults (seeded).
 GENERATE_SAMPLING = {"greedy": SamplingParams(temperature=0.0, repeat_penalty=1.0),
                      "sampled": SamplingParams(seed=0)}
@@ -118,6 +119,7 @@ class BenchOptions:
     warmup: int = 10
     json_path: Path | None = None
     tune: bool = True  # tune the shape first where this GPU has not (as the first `ffchat run` does)
+    cache: int | str | None = None  # KV cache of ffchat's backends: tokens, MAX_CACHE, or None (the largest context)
 
 
 def parse_backends(text: str) -> tuple[str, ...]:
@@ -136,6 +138,33 @@ def parse_contexts(text: str) -> tuple[int, ...]:
     if not contexts or min(contexts) < 0:
         raise FfchatError(f"--contexts {text!r}: expected comma-separated token counts such as 128,512,2048")
     return contexts
+
+
+def parse_cache(text: str | None) -> int | str | None:
+    """``--ctx``: a token count, or ``max`` for the model's maximum (what `ffchat run` allocates where memory allows)."""
+    if text is None:
+        return None
+    if text.strip().lower() == MAX_CACHE:
+        return MAX_CACHE
+    try:
+        tokens = int(text)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise FfchatError(f"--ctx {text!r}: expected a number of tokens or 'max'")
+    return tokens
+
+
+def cache_tokens(option: int | str | None, needed: int, model_max: int) -> int:
+    """The KV cache ffchat's backends allocate: ``--ctx`` checked against the contexts timed and the model."""
+    if option is None:
+        return needed
+    tokens = model_max if option == MAX_CACHE else option
+    if tokens < needed:
+        raise FfchatError(f"--ctx {tokens} is smaller than the {needed} tokens the timed contexts and answers need")
+    if tokens > model_max:
+        raise FfchatError(f"--ctx {tokens} exceeds the model's maximum context of {model_max} tokens")
+    return tokens
 
 
 def run_bench(options: BenchOptions, out: Console, err: Console) -> dict:
@@ -185,11 +214,13 @@ def measure(options: BenchOptions, steps: _Steps) -> dict:
     tokens = torch.randint(0, config.vocab_size, (context_length,), generator=rng).tolist()
     steps.done(f"weights: {report['model']['name']}")
 
+    cache = cache_tokens(options.cache, context_length, config.max_position_embeddings)
     report.update(baseline=BASELINE, contexts=list(options.contexts), prompt_tokens=options.prompt, steps=options.steps,
-                  warmup=options.warmup, context_length=context_length)
+                  warmup=options.warmup, context_length=context_length, cache_tokens=cache)
     report["roofline"] = [_roofline(context, weights.decode_bytes(context), bandwidth) for context in options.contexts]
     report["backends"] = [
-        _measure_backend(name, weights, context_length, options, tokens, report["roofline"], tokenizer, steps)
+        _measure_backend(name, weights, cache if name in TRITON_BACKENDS else context_length, options, tokens,
+                         report["roofline"], tokenizer, steps)
         for name in options.backends
     ]
     _add_ratios(report["backends"])
@@ -457,8 +488,10 @@ def tables(report: dict) -> list[Table]:
     """The report for people: decode per backend and context, the generation loop, then prefill and TTFT."""
     model, bandwidth = report["model"], report["copy_bandwidth"]["gb_per_s"]
     fmt = f"INT4 g{model['group_size']} {model['quantizer']}" if model["format"] == "int4" else "bf16"
-    decode = Table(title=f"{model['name']} · {fmt} · {report['device']['name']} · copy {bandwidth:.0f} GB/s",
-                   header_style="bold")
+    cache = report.get("cache_tokens")
+    cache_note = f" · ffchat's KV cache {cache} tokens" if cache and cache != report.get("context_length") else ""
+    decode = Table(title=f"{model['name']} · {fmt} · {report['device']['name']} · copy {bandwidth:.0f} GB/s"
+                         f"{cache_note}", header_style="bold")
     for column in ("backend", "context", "MB/token", "roofline ms", "ms/token", "tok/s", "% roofline",
                    f"vs {BASELINE}"):
         decode.add_column(column, justify="left" if column == "backend" else "right")

@@ -235,13 +235,14 @@ def bench(
     steps: int = typer.Option(100, "--steps", help="Timed decode steps per context."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random weights and tokens."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune the kernels for the shape first where this GPU has not (as the first `ffchat run` does), so the figures are the ones a user gets."),
+    ctx: Optional[str] = typer.Option(None, "--ctx", help="KV cache of ffchat's backends in tokens, or 'max': the model's maximum, what `ffchat run` allocates where memory allows (default: the largest context timed; the baseline's static cache always is)."),
 ) -> None:
     """Decode and prefill speed of each backend against the GPU's copy-bandwidth roofline (needs a GPU)."""
-    from ffchat.bench import DEFAULT_BACKENDS, BenchOptions, parse_backends, parse_contexts, run_bench
+    from ffchat.bench import DEFAULT_BACKENDS, BenchOptions, parse_backends, parse_cache, parse_contexts, run_bench
 
     options = BenchOptions(model=model, shape=shape, backends=parse_backends(backends) if backends else DEFAULT_BACKENDS,
-                           contexts=parse_contexts(contexts),
-                           prompt=prompt, int4=int4, seed=seed, steps=steps, json_path=json_path, tune=tune)
+                           contexts=parse_contexts(contexts), prompt=prompt, int4=int4, seed=seed, steps=steps,
+                           json_path=json_path, tune=tune, cache=parse_cache(ctx))
     run_bench(options, _stdout(), err)
 
 

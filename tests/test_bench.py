@@ -14,8 +14,11 @@ from kernel_helpers import rel_err
 from ffchat.bench import (
     BACKENDS,
     BASELINE,
+    MAX_CACHE,
     _add_ratios,
+    cache_tokens,
     parse_backends,
+    parse_cache,
     parse_contexts,
     tables,
 )
@@ -141,6 +144,20 @@ def test_backend_registry_and_option_parsing():
             parse_contexts(bad)
 
 
+def test_the_cache_option_sizes_ffchats_kv_cache_like_run():
+    assert parse_cache(None) is None and parse_cache("MAX") == MAX_CACHE and parse_cache("8192") == 8192
+    for bad in ("", "lots", "0", "-5"):
+        with pytest.raises(FfchatError, match="--ctx"):
+            parse_cache(bad)
+    assert cache_tokens(None, 4353, 131072) == 4353  # default: what the timed contexts need
+    assert cache_tokens(MAX_CACHE, 4353, 131072) == 131072
+    assert cache_tokens(8192, 4353, 131072) == 8192
+    with pytest.raises(FfchatError, match="smaller than the 4353 tokens"):
+        cache_tokens(4096, 4353, 131072)
+    with pytest.raises(FfchatError, match="maximum context of 32768"):
+        cache_tokens(65536, 4353, 32768)
+
+
 def test_ratios_and_tables_from_a_report():
     def rows(ms):
         return [{"context": 128, "ms_per_token": ms, "tok_per_s": 1e3 / ms, "bytes_per_token": 6.7e8,
@@ -160,13 +177,15 @@ def test_ratios_and_tables_from_a_report():
     assert backends[1]["decode"][0]["vs_baseline"] == 1.0
     report = {"model": {"name": "x", "format": "int4", "group_size": 128, "quantizer": "rtn"},
               "copy_bandwidth": {"gb_per_s": 3000.0}, "device": {"name": "Some GPU"}, "prompt_tokens": 512,
-              "backends": backends + [{"name": "triton", "error": "out of GPU memory"}]}
+              "backends": backends + [{"name": "triton", "error": "out of GPU memory"}],
+              "context_length": 2049, "cache_tokens": 131072}
     from rich.console import Console
 
     console = Console(record=True, width=200)
     for table in tables(report):
         console.print(table)
     text = console.export_text()
+    assert "KV cache 131072 tokens" in text
     assert "Some GPU" in text and "0.25x" in text and "2.00x" in text and "failed: out of GPU memory" in text
     assert "870" in text and "640" in text and "1000 (context 128)" in text  # the loop beside the GPU's rate
 
