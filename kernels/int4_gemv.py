@@ -228,7 +228,18 @@ def rms_normalize(x, rstd, nw):
 
 
 @triton.jit
-def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, words_per_row, groups_per_row,
+def _group_ok(g0, col, groups_per_row, WORDS: tl.constexpr):
+    """Which words of a tile's row lie inside K, decided per group of WORDS words (K is a multiple of the group).
+
+    Masking per group, not per word, lets Triton see that the mask is constant over each thread's 4
+    words, so a masked tile still loads with 16-byte loads (per word it split them into 4-byte loads:
+    1136 instructions a tile instead of 752, for every GEMV whose K is not a multiple of BLOCK_K).
+    """
+    return (g0 + col // WORDS) < groups_per_row
+
+
+@triton.jit
+def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, groups_per_row,
                   WORDS: tl.constexpr, EVEN: tl.constexpr):
     """The [rows, words] packed tile from group g0 on (streamed: evict first), its scales and zeros [rows, groups]."""
     if EVEN:
@@ -236,7 +247,7 @@ def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, wo
         s = tl.load(s_ptr + sz_offs + g0)
         z = tl.load(z_ptr + sz_offs + g0)
     else:  # chunks past K are fully masked
-        col_ok = (g0 * WORDS + col) < words_per_row
+        col_ok = _group_ok(g0, col, groups_per_row, WORDS)
         tile_ok = row_ok[:, None] & ((g0 + grp) < groups_per_row)[None, :]
         w = tl.load(w_ptr + w_offs + g0 * WORDS, mask=row_ok[:, None] & col_ok[None, :], other=0,
                     eviction_policy="evict_first")
@@ -293,7 +304,7 @@ def gemv_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS: tl.constexp
     GROUPS: tl.constexpr = BLOCK_K // G
     rows, row_ok, w_offs, x_offs, sz_offs = _tile_offsets(block, N, K, G, BLOCK_N, BLOCK_K, W_ALIGN, GATED)
     return _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, split * CHUNKS * GROUPS, row_ok,
-                         tl.arange(0, BLOCK_K // 8), tl.arange(0, GROUPS), K // 8, K // G, G // 8, EVEN)
+                         tl.arange(0, BLOCK_K // 8), tl.arange(0, GROUPS), K // G, G // 8, EVEN)
 
 
 @triton.jit
@@ -315,7 +326,6 @@ def gemv_accumulate(
     rows, row_ok, w_offs, x_offs, sz_offs = _tile_offsets(block, N, K, G, BLOCK_N, BLOCK_K, W_ALIGN, GATED)
     col = tl.arange(0, COLS)
     grp = tl.arange(0, GROUPS)
-    words_per_row = K // 8
     groups_per_row = K // G
     first = split * CHUNKS * GROUPS
     if NORM:  # the whole vector's statistic first: every program needs it for its first tile
@@ -328,7 +338,7 @@ def gemv_accumulate(
             if NORM:
                 nw = tl.load(nw_ptr + x_offs + g0 * G)
         else:
-            col_ok = (g0 * WORDS + col) < words_per_row
+            col_ok = _group_ok(g0, col, groups_per_row, WORDS)
             x8 = tl.load(x_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
             if NORM:
                 nw = tl.load(nw_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
@@ -336,7 +346,7 @@ def gemv_accumulate(
         if PREFETCH:  # the next tile's loads fly while this one is computed
             if c + 1 < CHUNKS:
                 w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
-                                        words_per_row, groups_per_row, WORDS, EVEN)
+                                        groups_per_row, WORDS, EVEN)
         if NORM:
             x8 = rms_normalize(x8, rstd, nw)
         x8 = x8.to(tl.float32)
@@ -368,7 +378,7 @@ def gemv_accumulate(
         if not PREFETCH:  # once this tile is used: one tile of registers
             if c + 1 < CHUNKS:
                 w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
-                                        words_per_row, groups_per_row, WORDS, EVEN)
+                                        groups_per_row, WORDS, EVEN)
     return tl.sum(acc, axis=1)
 
 
