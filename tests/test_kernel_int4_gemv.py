@@ -392,3 +392,48 @@ def test_fp32_sums_survive_cancellation():
     y = gemv.int4_gemv(x, qweight, scales, zeros, group)
     exact = (dequantize(qweight, scales, zeros, group).double() @ x.double()).half()
     assert rel_err(y, exact) < 1e-4  # measured 2e-5 in the interpreter
+
+
+# Compiles the W4A16 kernel for an H100 (sm_90) without a GPU, in a process without the interpreter, and prints
+# the width of every weight load (the streamed, evict-first ones) of an even tile and of a ragged one.
+_WEIGHT_LOADS = r"""
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from ffchat.kernels.int4_gemv import _int4_gemv_kernel
+
+pointers = ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "bias_ptr", "res_ptr", "out_ptr", "part_ptr", "count_ptr", "nw_ptr")
+types = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "bias_ptr": "*bf16",
+         "res_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "count_ptr": "*i32", "N": "i32", "K": "i32",
+         "high_mask": "i32", "low_mask": "i32", "one": "i32", "nw_ptr": "*bf16", "eps": "fp32"}
+names = list(types)
+divisible = {(names.index(n),): [["tt.divisibility", 16]] for n in (*pointers, "N", "K")}  # as a launch specializes
+widths = {}
+for even in (True, False):
+    constants = dict(CHUNKS=3, SPLITS=1, G=128, BLOCK_N=8, BLOCK_K=2048, W_ALIGN=4, EVEN=even, HAS_BIAS=False,
+                     HAS_RES=True, NORM=False, NORM_BLOCK=1, NORM_CHUNKS=0, GATED=False, PREFETCH=False, PDL=True)
+    source = ASTSource(fn=_int4_gemv_kernel, signature={**types, **{c: "constexpr" for c in constants}},
+                       constexprs=constants, attrs=divisible)
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    widths["even" if even else "ragged"] = re.findall(r"ld\.global\.L1::evict_first\S*?\.(v\d)\.b32", ptx)
+print(json.dumps(widths))
+"""
+
+
+def test_a_ragged_tile_loads_its_weights_16_bytes_at_a_time():
+    """K not a multiple of the tile (every Qwen2.5-0.5B GEMV) must not cost narrower loads than an even tile: masked
+    per word, the same tile compiled to 16 eight-byte loads instead of 8 sixteen-byte ones (BENCHMARKS.md, stop 21)."""
+    import json
+    import subprocess
+    import sys
+
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")):
+        pytest.skip("this Triton ships no ptxas, so the kernel cannot be compiled for a GPU here")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _WEIGHT_LOADS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    widths = json.loads(done.stdout.splitlines()[-1])
+    assert widths["even"] == ["v4"] * 8, widths  # 16 words a thread in four 16-byte loads: first tile, then the next
+    assert widths["ragged"] == widths["even"], widths
