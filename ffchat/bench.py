@@ -141,7 +141,7 @@ def parse_contexts(text: str) -> tuple[int, ...]:
 
 
 def parse_cache(text: str | None) -> int | str | None:
-    """``--ctx``: a token count, or ``max`` for the model's maximum (what `ffchat run` allocates where memory allows)."""
+    """``--ctx``: a token count, or ``max``: the model's maximum (what `ffchat run` allocates where memory allows)."""
     if text is None:
         return None
     if text.strip().lower() == MAX_CACHE:

@@ -33,8 +33,9 @@ sync, no allocation when a workspace is given.
 Under PDL (``ffchat.kernels.pdl``) each program requests its first block (or two, see
 ``pick_config``) of cached keys and values, and the RoPE row, before waiting for the QKV
 projection: no kernel of the step writes them (the new token's slot is never read from the
-cache), so the loads overlap the previous kernel's tail. On an H200 that made the fused step faster than a separate RoPE launch; with
-the loads after the wait it was slower (BENCHMARKS.md, 2026-12-02).
+cache), so the loads overlap the previous kernel's tail. On an H200 that made the fused step
+faster than a separate RoPE launch; with the loads after the wait it was slower
+(BENCHMARKS.md, 2026-12-02).
 """
 
 from __future__ import annotations
