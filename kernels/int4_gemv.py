@@ -228,19 +228,7 @@ def rms_normalize(x, rstd, nw):
 
 
 @triton.jit
-def _group_ok(g0, col, groups_per_row, WORDS: tl.constexpr):
-    """Which words of a tile's row lie inside K, decided per group of WORDS words (K is a multiple of the group).
-
-    Masking per group, not per word, lets Triton see that the mask is constant over each thread's 4
-    words, so a masked tile still loads with 16-byte loads (per word it proved only pairs: 8-byte loads
-    and 928 instructions for an 8 x 2048 tile, now 832; 752 unmasked), for every GEMV whose K is not a
-    multiple of BLOCK_K.
-    """
-    return (g0 + col // WORDS) < groups_per_row
-
-
-@triton.jit
-def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, groups_per_row,
+def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, words_per_row, groups_per_row,
                   WORDS: tl.constexpr, EVEN: tl.constexpr):
     """The [rows, words] packed tile from group g0 on (streamed: evict first), its scales and zeros [rows, groups]."""
     if EVEN:
@@ -248,7 +236,7 @@ def _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, row_ok, col, grp, gr
         s = tl.load(s_ptr + sz_offs + g0)
         z = tl.load(z_ptr + sz_offs + g0)
     else:  # chunks past K are fully masked
-        col_ok = _group_ok(g0, col, groups_per_row, WORDS)
+        col_ok = (g0 * WORDS + col) < words_per_row
         tile_ok = row_ok[:, None] & ((g0 + grp) < groups_per_row)[None, :]
         w = tl.load(w_ptr + w_offs + g0 * WORDS, mask=row_ok[:, None] & col_ok[None, :], other=0,
                     eviction_policy="evict_first")
@@ -305,7 +293,7 @@ def gemv_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS: tl.constexp
     GROUPS: tl.constexpr = BLOCK_K // G
     rows, row_ok, w_offs, x_offs, sz_offs = _tile_offsets(block, N, K, G, BLOCK_N, BLOCK_K, W_ALIGN, GATED)
     return _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, split * CHUNKS * GROUPS, row_ok,
-                         tl.arange(0, BLOCK_K // 8), tl.arange(0, GROUPS), K // G, G // 8, EVEN)
+                         tl.arange(0, BLOCK_K // 8), tl.arange(0, GROUPS), K // 8, K // G, G // 8, EVEN)
 
 
 @triton.jit
@@ -327,6 +315,7 @@ def gemv_accumulate(
     rows, row_ok, w_offs, x_offs, sz_offs = _tile_offsets(block, N, K, G, BLOCK_N, BLOCK_K, W_ALIGN, GATED)
     col = tl.arange(0, COLS)
     grp = tl.arange(0, GROUPS)
+    words_per_row = K // 8
     groups_per_row = K // G
     first = split * CHUNKS * GROUPS
     if NORM:  # the whole vector's statistic first: every program needs it for its first tile
@@ -339,7 +328,7 @@ def gemv_accumulate(
             if NORM:
                 nw = tl.load(nw_ptr + x_offs + g0 * G)
         else:
-            col_ok = _group_ok(g0, col, groups_per_row, WORDS)
+            col_ok = (g0 * WORDS + col) < words_per_row
             x8 = tl.load(x_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
             if NORM:
                 nw = tl.load(nw_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
@@ -347,7 +336,7 @@ def gemv_accumulate(
         if PREFETCH:  # the next tile's loads fly while this one is computed
             if c + 1 < CHUNKS:
                 w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
-                                        groups_per_row, WORDS, EVEN)
+                                        words_per_row, groups_per_row, WORDS, EVEN)
         if NORM:
             x8 = rms_normalize(x8, rstd, nw)
         x8 = x8.to(tl.float32)
@@ -379,7 +368,7 @@ def gemv_accumulate(
         if not PREFETCH:  # once this tile is used: one tile of registers
             if c + 1 < CHUNKS:
                 w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
-                                        groups_per_row, WORDS, EVEN)
+                                        words_per_row, groups_per_row, WORDS, EVEN)
     return tl.sum(acc, axis=1)
 
 
