@@ -35,7 +35,10 @@ Under PDL (``ffchat.kernels.pdl``) each program requests its first block (or two
 projection: no kernel of the step writes them (the new token's slot is never read from the
 cache), so the loads overlap the previous kernel's tail. On an H200 that made the fused step
 faster than a separate RoPE launch; with the loads after the wait it was slower
-(BENCHMARKS.md, 2026-12-02).
+(BENCHMARKS.md, 2026-12-02). Both launches release their dependents before they wait, unlike
+the GEMVs: the reduce and then the O projection become resident while the shares run, and
+the O projection's first weight tile is requested under attention (on an H100, Qwen2.5-0.5B at
+4096 cached tokens 3-4% faster, Llama-3.2-1B and 3.1-8B about 1%; BENCHMARKS.md, stop 23).
 """
 
 from __future__ import annotations
@@ -302,8 +305,8 @@ def _partial_kernel(
     k0, v0, ok0, cos, sin, lo, length, share = attention_prefetch(
         kv, split, len_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, stride_kh, stride_kn, stride_vh, stride_vn, S, table_len,
         window, D, SPLITS, BLOCK_N, FIRST_N, HAS_WINDOW)
-    wait_for_inputs(PDL)
     release_dependents(PDL)
+    wait_for_inputs(PDL)
     # Without COMBINE the arrival counters, output and its stride are never touched: placeholders.
     attention_share(kv, split, k0, v0, ok0, cos, sin, lo, length, share, qkv_ptr, q_norm_ptr, k_norm_ptr, k_ptr, v_ptr,
                     m_ptr, l_ptr, acc_ptr, len_ptr, acc_ptr, D, stride_kh, stride_kn, stride_vh, stride_vn,
@@ -318,8 +321,8 @@ def _reduce_kernel(
     HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
 ):
     """Query head program_id(0)'s output from the shares that attended keys."""
-    wait_for_inputs(PDL)
     release_dependents(PDL)
+    wait_for_inputs(PDL)
     lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
     active = tl.cdiv(length - lo, tl.maximum(share, 1))
     _combine_heads(m_ptr, l_ptr, acc_ptr, tl.program_id(0), 1, active, out_ptr, stride_oh, D, SPLITS, BLOCK_S, 1)
