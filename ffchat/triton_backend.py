@@ -42,6 +42,10 @@ from ffchat.profiles import GpuIdentity
 from ffchat.shapes import EMBED, HEAD, BenchWeights, Int4Linear
 from ffchat.tuning_cache import load_tuning
 
+# W4A16 GEMVs that let the next launch become resident before their own input is ready (``ffchat.kernels.pdl``):
+# behind attention, which does the same, the O projection's release puts gate/up's first weights in flight too.
+EARLY_RELEASE_ROLES = frozenset({"o"})
+
 # Tokens per prefill pass: bounds the activations and the attention mask of a long prompt.
 PREFILL_CHUNK = 1024
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
@@ -252,9 +256,11 @@ class TritonBackend:
             return int4_gemv_w4a8(x, linear.qweight, linear.scales, linear.zeros, linear.group_size,
                                   norm_eps=self.config.rms_norm_eps, **epilogue)
         config = self.tuning.get(role) if self.tuning else None
-        gemv = int4_gemv_dp2a if role in self.dp2a_roles else int4_gemv
+        dp2a = role in self.dp2a_roles
+        gemv = int4_gemv_dp2a if dp2a else int4_gemv
+        order = {} if dp2a else {"release_early": role in EARLY_RELEASE_ROLES}
         return gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size, config=config,
-                    norm_eps=self.config.rms_norm_eps, **epilogue)
+                    norm_eps=self.config.rms_norm_eps, **order, **epilogue)
 
     def _head(self, x: Tensor) -> Tensor:
         """Final norm and LM head of one hidden vector: logits [vocab] in the activation dtype."""

@@ -379,14 +379,20 @@ def _int4_gemv_kernel(
     CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr, GATED: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr,
 ):
-    """N outputs (GATED: N = I, weight rows [gate; up] = 2N); nw_ptr/eps are read only with NORM."""
+    """N outputs (GATED: N = I, weight rows [gate; up] = 2N); nw_ptr/eps are read only with NORM.
+
+    RELEASE_EARLY: let the next kernel become resident before this one's input is ready (``ffchat.kernels.pdl``).
+    """
     block, split = tl.program_id(0), tl.program_id(1)
     w, s, z = gemv_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN,
                               GATED)
+    if RELEASE_EARLY:
+        release_dependents(PDL)
     wait_for_inputs(PDL)
-    release_dependents(PDL)
+    if not RELEASE_EARLY:
+        release_dependents(PDL)
     y = gemv_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, high_mask, low_mask, one, nw_ptr,
                         eps, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, NORM, NORM_BLOCK, NORM_CHUNKS, GATED, PREFETCH)
     rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
@@ -561,12 +567,15 @@ def int4_gemv(
     norm_weight: torch.Tensor | None = None,
     norm_eps: float = 1e-6,
     gated: bool = False,
+    release_early: bool = False,
 ) -> torch.Tensor:
     """y[N] = dequant(W) @ x (+ bias) (+ residual) in x's dtype; ``config`` overrides the tuning table.
 
     ``norm_weight`` [K]: use ``ffchat.model.rms_norm(x, norm_weight, norm_eps)`` as the input.
     ``gated``: W is [2I, K] = [gate rows; up rows] (scales, zeros, bias likewise [2I, ...]) and
     y[I] = silu(gate x + b_gate) * (up x + b_up), in fp32, rounded once; no ``residual``.
+    ``release_early``: under PDL, release the next launch before waiting for x (the order the
+    O projection uses; ``ffchat.kernels.pdl`` says why only it).
     Split-K launches share per-device counters: launch them from one stream at a time.
     """
     n, k = check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
@@ -582,7 +591,7 @@ def int4_gemv(
         norm_args = (inputs[0], 0.0)
     return launch_gemv(_int4_gemv_kernel, inputs, n, k, group_size, cfg, bias, residual, out, x.dtype, x.device,
                    extra_args=(HIGH_NIBBLE, LOW_NIBBLE, ONE_F32) + norm_args, part_rows=qweight.shape[0],
-                   GATED=gated, PREFETCH=cfg.prefetch, **norm)
+                   GATED=gated, PREFETCH=cfg.prefetch, RELEASE_EARLY=release_early, **norm)
 
 
 def int4_gemv_reference(

@@ -17,8 +17,11 @@ GEMVs release right after their wait, not before it. Releasing first is just as 
 (kernels two and three ahead become resident and request their weights early), but measured
 on an H100 in every kernel it was 1-4% faster on Llama-3.2-1B and 8% slower on Qwen2.5-0.5B,
 whose short kernels' early programs hold registers the running kernel's later programs need
-(BENCHMARKS.md, stop 22). The two attention launches do release first: that alone was faster
-on all three shapes (``ffchat.kernels.decode_attention``; BENCHMARKS.md, stop 23).
+(BENCHMARKS.md, stop 22). Measured one kernel at a time (stop 23), releasing first pays behind
+attention only: the two attention launches and the O projection after them do it, so while the
+shares run the reduce, the O projection and gate/up are resident and their first weights in
+flight (Llama-3.2-1B -5% and Qwen2.5-0.5B -4% at 4096 cached tokens); the QKV GEMV doing it
+made the 0.5B 5% slower, gate/up gained under 1%, down lost at 4096.
 """
 
 from __future__ import annotations
