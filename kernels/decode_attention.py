@@ -35,10 +35,11 @@ Under PDL (``ffchat.kernels.pdl``) each program requests its first block (or two
 projection: no kernel of the step writes them (the new token's slot is never read from the
 cache), so the loads overlap the previous kernel's tail. On an H200 that made the fused step
 faster than a separate RoPE launch; with the loads after the wait it was slower
-(BENCHMARKS.md, 2026-12-02). Both launches release their dependents before they wait, unlike
-the GEMVs: the reduce and then the O projection become resident while the shares run, and
-the O projection's first weight tile is requested under attention (on an H100, Qwen2.5-0.5B at
-4096 cached tokens 3-4% faster, Llama-3.2-1B and 3.1-8B about 1%; BENCHMARKS.md, stop 23).
+(BENCHMARKS.md, 2026-12-02). Both launches release their dependents before they wait, as the
+O projection after them does (the other GEMVs release after): the reduce and then the O
+projection become resident while the shares run, and the O projection's first weight tile is
+requested under attention (on an H100, Qwen2.5-0.5B at 4096 cached tokens 3-4% faster,
+Llama-3.2-1B and 3.1-8B about 1%; BENCHMARKS.md, stop 23).
 """
 
 from __future__ import annotations
