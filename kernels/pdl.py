@@ -13,7 +13,7 @@ written, before ``wait_for_inputs``. The waits chain, so a kernel past its wait 
 every earlier kernel is done. Without PDL (other GPUs, the interpreter) both calls compile
 to nothing and the launch is an ordinary one.
 
-GEMVs release right after their wait, not before it. Releasing first is just as correct
+Most GEMVs release right after their wait, not before it. Releasing first is just as correct
 (kernels two and three ahead become resident and request their weights early), but measured
 on an H100 in every kernel it was 1-4% faster on Llama-3.2-1B and 8% slower on Qwen2.5-0.5B,
 whose short kernels' early programs hold registers the running kernel's later programs need
