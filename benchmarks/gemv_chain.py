@@ -2,9 +2,9 @@
 
 Per layer: norm+QKV, O+residual (fed the q rows, standing in for attention), norm+gate/up+SiLU,
 down+residual, every launch reading the one before it, PDL on, the whole chain of L layers (distinct
-weights, together several times the L2) one CUDA graph. dp2a and W4A8 run their quantizing launch
-(norm fused where the layer has one) before each GEMV, as a backend would. Prints microseconds
-per layer and the weights' GB/s, beside the copy bandwidth of the same run.
+weights, together several times the L2) one CUDA graph. W4A8 runs its quantizing launch (norm fused
+where the layer has one) before each GEMV, as a backend would; dp2a codes x inside the GEMV. Prints
+microseconds per layer and the weights' GB/s, beside the copy bandwidth of the same run.
 
     PYTHONPATH=. python benchmarks/gemv_chain.py --json $OUT/chain.json
 """
@@ -34,15 +34,15 @@ def build(hidden: int, inter: int, qkv_rows: int, layers: int) -> list[dict]:
 
 def chain(variant: str, layers: list[dict], x0: torch.Tensor, hidden: int):
     """One decode step's GEMVs; returns the final residual."""
-    if variant == "w4a16":
-        def run(x, w, **kw):
-            return gemv.int4_gemv(x, *w, GROUP, **kw)
-    else:
-        quantize = gemv.quantize_activation if variant == "w4a8" else dp2a_gemv.quantize_activation16
-        kernel = gemv.int4_gemv_w4a8 if variant == "w4a8" else dp2a_gemv.int4_gemv_dp2a
-
+    if variant == "w4a8":
         def run(x, w, norm_weight=None, **kw):
-            return kernel(x, *w, GROUP, act=quantize(x, GROUP, norm_weight=norm_weight), **kw)
+            return gemv.int4_gemv_w4a8(x, *w, GROUP, act=gemv.quantize_activation(x, GROUP, norm_weight=norm_weight),
+                                       **kw)
+    else:
+        kernel = gemv.int4_gemv if variant == "w4a16" else dp2a_gemv.int4_gemv_dp2a
+
+        def run(x, w, **kw):
+            return kernel(x, *w, GROUP, **kw)
     x = x0
     for layer in layers:
         qkv = run(x, layer["qkv"], norm_weight=layer["norm"])

@@ -71,17 +71,13 @@ def make_set(n: int, k: int):
 VARIANTS = ("w4a16", "w4a8", "dp2a")
 
 
-def run_kernel(variant: str, x, acts, wset, cfg, out):
-    """``acts``: x quantized for W4A8 and for dp2a, (int8, int16)."""
+def run_kernel(variant: str, x, act, wset, cfg, out):
+    """``act``: x quantized for W4A8 (the dp2a kernel codes x itself)."""
     if variant == "w4a16":
         return gemv.int4_gemv(x, *wset, GROUP, out=out, config=cfg)
     if variant == "w4a8":
-        return gemv.int4_gemv_w4a8(x, *wset, GROUP, out=out, config=cfg, act=acts[0])
-    return dp2a_gemv.int4_gemv_dp2a(x, *wset, GROUP, out=out, config=cfg, act=acts[1])
-
-
-def quantized(x):
-    return gemv.quantize_activation(x, GROUP), dp2a_gemv.quantize_activation16(x, GROUP)
+        return gemv.int4_gemv_w4a8(x, *wset, GROUP, out=out, config=cfg, act=act)
+    return dp2a_gemv.int4_gemv_dp2a(x, *wset, GROUP, out=out, config=cfg)
 
 
 def _warm(job):
@@ -90,12 +86,12 @@ def _warm(job):
     torch.manual_seed(0)
     wset = make_set(n, k)
     x = torch.randn(k, device=DEVICE, dtype=torch.float16)
-    acts = quantized(x)
+    act = gemv.quantize_activation(x, GROUP)
     out = torch.empty(n, device=DEVICE, dtype=torch.float16)
     failed = []
     for cfg in cfgs:
         try:
-            run_kernel(variant, x, acts, wset, cfg, out)
+            run_kernel(variant, x, act, wset, cfg, out)
         except Exception as exc:  # a config the compiler rejects is reported, not fatal
             failed.append((cfg, str(exc)[:120]))
     torch.cuda.synchronize()
@@ -128,7 +124,7 @@ def bench_shape(n: int, k: int, sweep: tuple[str, ...], l2_bytes: int) -> dict:
     copies = max(2, min(128, math.ceil(4 * l2_bytes / int4_bytes)))
     sets = [make_set(n, k) for _ in range(copies)]
     x = torch.randn(k, device=DEVICE, dtype=torch.float16)
-    acts = quantized(x)
+    act = gemv.quantize_activation(x, GROUP)
     out = torch.empty(n, device=DEVICE, dtype=torch.float16)
     ref = gemv.int4_gemv_reference(x, *sets[0], GROUP).float()
     refs = {"w4a16": ref, "w4a8": gemv.int4_gemv_w4a8_reference(x, *sets[0], GROUP).float(),
@@ -136,15 +132,15 @@ def bench_shape(n: int, k: int, sweep: tuple[str, ...], l2_bytes: int) -> dict:
     res = {"N": n, "K": k, "int4_MB": int4_bytes / 1e6, "copies": copies}
 
     def measure(variant, cfg):
-        y = run_kernel(variant, x, acts, sets[0], cfg, out)
+        y = run_kernel(variant, x, act, sets[0], cfg, out)
         err = rel_err(y, refs[variant])
         if not err < 2e-3:
             return None, err
-        return graph_time(lambda i: run_kernel(variant, x, acts, sets[i], cfg, out), copies), err
+        return graph_time(lambda i: run_kernel(variant, x, act, sets[i], cfg, out), copies), err
 
     groups = k // GROUP
     io_bytes = {"w4a16": int4_bytes + 2 * k + 2 * n, "w4a8": int4_bytes + k + 8 * groups + 2 * n,
-                "dp2a": int4_bytes + 2 * k + 8 * groups + 2 * n}
+                "dp2a": int4_bytes + 2 * k + 2 * n}
     for variant in VARIANTS:
         table = gemv.config_table(f"gemv_{'w4a16' if variant == 'w4a16' else 'w4a8'}", x.device)
         default = gemv.pick_config(n, k, GROUP, table)
@@ -163,10 +159,9 @@ def bench_shape(n: int, k: int, sweep: tuple[str, ...], l2_bytes: int) -> dict:
             t, cfg = timed[0]
             res[f"{variant}_best"] = {"config": cfg.__dict__, "us": t * 1e6, "GBps": io_bytes[variant] / t / 1e9,
                                       "top5": [(round(t * 1e6, 2), c.__dict__) for t, c in sorted(timed, key=lambda tc: tc[0])[:5]]}
-    res["w4a8_err_vs_fp16x"] = rel_err(run_kernel("w4a8", x, acts, sets[0], None, out), ref)
-    res["dp2a_err_vs_fp16x"] = rel_err(run_kernel("dp2a", x, acts, sets[0], None, out), ref)
+    res["w4a8_err_vs_fp16x"] = rel_err(run_kernel("w4a8", x, act, sets[0], None, out), ref)
+    res["dp2a_err_vs_fp16x"] = rel_err(run_kernel("dp2a", x, act, sets[0], None, out), ref)
     res["quantize_x_us"] = graph_time(lambda i: gemv.quantize_activation(x, GROUP), 16) * 1e6
-    res["quantize_x16_us"] = graph_time(lambda i: dp2a_gemv.quantize_activation16(x, GROUP), 16) * 1e6
     res["tinygemm"] = bench_tinygemm(n, k, x, copies)
     res["cublas_fp16"] = bench_cublas(n, k, x, l2_bytes)
     return res

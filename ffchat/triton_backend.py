@@ -42,7 +42,7 @@ from ffchat.profiles import GpuIdentity
 from ffchat.shapes import EMBED, HEAD, BenchWeights, Int4Linear
 from ffchat.tuning_cache import load_tuning
 
-# W4A16 GEMVs that let the next launch become resident before their own input is ready (``ffchat.kernels.pdl``):
+# GEMVs that let the next launch become resident before their own input is ready (``ffchat.kernels.pdl``):
 # behind attention, which does the same, the O projection's release puts gate/up's first weights in flight too.
 EARLY_RELEASE_ROLES = frozenset({"o"})
 
@@ -249,18 +249,16 @@ class TritonBackend:
         self.logits.copy_(self._head(x))
 
     def _gemv(self, role: str, x: Tensor, linear: Int4Linear, *, int8: bool = False, **epilogue) -> Tensor:
-        """The kernel and tile `ffchat tune` chose for ``role`` (W4A16, or dp2a after a launch that quantizes x to
-        int16 codes), the profile's W4A16 tile if untuned; with ``int8`` W4A8 (x rounded to int8 per group,
-        after the norm if one is given; its tiles come from the profile)."""
+        """The kernel and tile `ffchat tune` chose for ``role`` (W4A16, or dp2a: x as int16 codes), the profile's
+        W4A16 tile if untuned; with ``int8`` W4A8 (x rounded to int8 per group, after the norm if one is given;
+        its tiles come from the profile)."""
         if int8:
             return int4_gemv_w4a8(x, linear.qweight, linear.scales, linear.zeros, linear.group_size,
                                   norm_eps=self.config.rms_norm_eps, **epilogue)
         config = self.tuning.get(role) if self.tuning else None
-        dp2a = role in self.dp2a_roles
-        gemv = int4_gemv_dp2a if dp2a else int4_gemv
-        order = {} if dp2a else {"release_early": role in EARLY_RELEASE_ROLES}
+        gemv = int4_gemv_dp2a if role in self.dp2a_roles else int4_gemv
         return gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size, config=config,
-                    norm_eps=self.config.rms_norm_eps, **order, **epilogue)
+                    norm_eps=self.config.rms_norm_eps, release_early=role in EARLY_RELEASE_ROLES, **epilogue)
 
     def _head(self, x: Tensor) -> Tensor:
         """Final norm and LM head of one hidden vector: logits [vocab] in the activation dtype."""

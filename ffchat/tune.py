@@ -6,9 +6,8 @@ with its norm, o with the residual, norm + gate/up + SiLU, down with the residua
 head), on fresh random INT4 weights rotated through more memory than L2 holds, after
 checking each candidate against ``int4_gemv_reference``; the fastest correct one wins.
 The profile's own choice is always a candidate. Candidates are of two kernels: the W4A16 GEMV,
-and the dp2a GEMV (``ffchat.kernels.dp2a_gemv``: x as int16 codes, the same result to ~1e-5),
-timed together with the launch that quantizes its x, which it needs before it. A role keeps a
-dp2a winner only if the whole decode step is faster with it too (``confirm_dp2a``): on an H100
+and the dp2a GEMV (``ffchat.kernels.dp2a_gemv``: x as int16 codes, the same result to ~1e-5).
+A role keeps a dp2a winner only if the whole decode step is faster with it too (``confirm_dp2a``): on an H100
 the 8B LM head took 95 us instead of 110 alone and the step no less (BENCHMARKS.md, 2026-12-06).
 Timed alone, a GEMV only approximates its
 cost inside the captured step (PDL overlaps neighbours): on an H200 the 1B winners, each
@@ -64,12 +63,16 @@ MEGAKERNEL_CANDIDATES = 2 + 2 * len(MEGAKERNEL_GRIDS) * len(MEGAKERNEL_ATTENTION
 MEGAKERNEL_STEPS = 1 + MEGAKERNEL_CANDIDATES  # progress steps of the megakernel phase: the Triton step, candidates
 COMPILE_THREADS = min(16, os.cpu_count() or 1)
 W4A16, DP2A = "w4a16", "dp2a"  # the GEMV kernels a role can be tuned to
+# dp2a tiles tried (rows or, gated, outputs; inputs; warps; K slices): the best of a wider sweep on an H100 over the
+# 0.5B, 1B and 8B roles (BENCHMARKS.md, stop 25). Rows share the coding of x, so tiles run taller than W4A16's.
+DP2A_TILES = ((8, 2048, 4, 1), (16, 2048, 4, 1), (16, 2048, 8, 1), (16, 1024, 4, 1), (16, 1024, 8, 1),
+              (32, 1024, 4, 1), (32, 512, 4, 4), (32, 1024, 4, 4))
+DP2A_GATED_TILES = ((8, 1024, 4, 1), (16, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 1))
 
 
 def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, GemvConfig]]:
     """(kernel, tile) pairs: the profile's W4A16 choice first, then a grid of W4A16 tiles around the measured
-    optimum of the H200 sweep, then the dp2a kernel's (the W4A8 table's choice, then a grid around the best
-    tiles of the H100 sweep, BENCHMARKS.md 2026-12-06).
+    optimum of the H200 sweep, then the dp2a kernel's (the W4A8 table's choice, then ``DP2A_TILES``).
 
     block_n counts outputs for a gated problem. Each candidate is shrunk to the problem like
     the profile's own, and duplicates are dropped.
@@ -82,9 +85,8 @@ def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, Ge
                 grid.append(GemvConfig(block_n=block_n, block_k=block_k, num_warps=warps, max_registers=registers,
                                        prefetch=profile.prefetch))
     dp2a = [pick_config(problem.n, problem.k, problem.group_size, gated=problem.gated, w4a8=True, device=device)]
-    dp2a += [GemvConfig(block_n=block_n, block_k=block_k, num_warps=4) for block_n in (4, 8, 16)
-             for block_k in (1024, 2048)]
-    dp2a.append(GemvConfig(block_n=8, block_k=2048, num_warps=8))
+    dp2a += [GemvConfig(block_n=block_n, block_k=block_k, num_warps=warps, split_k=split)
+             for block_n, block_k, warps, split in (DP2A_GATED_TILES if problem.gated else DP2A_TILES)]
 
     def shrunk(cfg: GemvConfig) -> GemvConfig:
         return pick_config(problem.n, problem.k, problem.group_size, ((math.inf, math.inf, cfg),), gated=problem.gated)
@@ -153,7 +155,7 @@ class ProblemResult:
     us: float
     profile_us: float
     rejected: int  # candidates that failed the reference check or did not compile
-    kernel: str = W4A16  # W4A16 or DP2A (with its quantizing launch)
+    kernel: str = W4A16  # W4A16 or DP2A
     w4a16_config: GemvConfig | None = None  # with a DP2A winner: the fastest W4A16 tile, and its time
     w4a16_us: float = math.nan
 
@@ -163,7 +165,7 @@ class ProblemResult:
 
 
 def run_gemv(kernel: str, x: torch.Tensor, weights: tuple, group_size: int, config: GemvConfig, **epilogue):
-    """One decode GEMV as the Triton backend runs a role tuned to ``kernel`` (DP2A: its quantizing launch first)."""
+    """One decode GEMV as the Triton backend runs a role tuned to ``kernel``."""
     gemv = int4_gemv_dp2a if kernel == DP2A else int4_gemv
     return gemv(x, *weights, group_size, config=config, **epilogue)
 
@@ -266,9 +268,8 @@ def confirm_dp2a(weights, results: list[ProblemResult], on_candidate: Callable[[
     """``results`` if the Triton backend's decode step (reading the tuning just saved) is faster with its dp2a
     winners than with those roles on their fastest W4A16 tiles; else those roles moved back to W4A16.
 
-    Timed alone, a dp2a GEMV after its quantizing launch can win and still not shorten the step, where the
-    launch is one more dependency in the chain (the 8B LM head on an H100: 95 us against 110 alone, the step
-    the same to 0.4%).
+    Timed alone, a GEMV can win and still not shorten the step: when x was coded by a launch of its own, the
+    8B LM head on an H100 took 95 us against 110 alone, and the step was the same to 0.4%.
     """
     from ffchat.triton_backend import TritonBackend
 

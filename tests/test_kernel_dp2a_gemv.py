@@ -35,19 +35,16 @@ def test_interpreter_is_active_without_cuda():
         assert interpreted(dp2a_gemv._int4_gemv_dp2a_kernel), "kernel module was imported before the flag"
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("k, group", [(64, 32), (576, 64), (256, 128)])
-def test_quantize_matches_reference_exactly(k, group, dtype):
-    x = rand(k, dtype, seed=k + group, scale=3.0)
-    x[3] = 70.0  # an outlier in the first group: its codes lose the small elements' low bits
-    x[-group:] = 0.0  # an all-zero group
-    act = dp2a_gemv.quantize_activation16(x, group)
-    ref = dp2a_gemv.quantize_activation16_reference(x, group)
-    assert act.planes.shape == (4, k // 8) and act.dtype == dtype
-    assert torch.equal(act.planes, ref.planes)
-    assert torch.equal(act.scales, ref.scales)
-    assert torch.equal(act.sums, ref.sums)
-    assert torch.all(torch.frexp(act.scales).mantissa == 0.5), "scales are powers of two"
+def test_codes_round_to_nearest_even_and_keep_the_group_max_below_2_15():
+    """The reference's codes: x / 2^e rounded half to even, the largest of a group in [2^14, 2^15)."""
+    group = 32
+    x = torch.zeros(2 * group)
+    x[0], x[1], x[2], x[3] = 2.0**14, 2.5, 3.5, -2.5  # scale 1: codes 16384, 2, 4, -2
+    x[group] = 3.0  # second group: scale 2^-13
+    codes, scales = dp2a_gemv.int16_codes(x, group)
+    assert scales.tolist() == [1.0, 2.0**-13]
+    assert codes[0, :4].tolist() == [16384.0, 2.0, 4.0, -2.0]
+    assert codes[1, 0].item() == 3.0 * 2**13
 
 
 def test_codes_keep_bf16_values_exact_within_2_7_of_the_group_max():
@@ -123,7 +120,7 @@ def test_extreme_codes_and_zero_points():
 @pytest.mark.parametrize("cfg", [None, gemv.GemvConfig(block_n=4, block_k=64, num_warps=4, split_k=3)],
                          ids=["table", "bn4-s3"])
 def test_norm_and_gated(cfg, dtype):
-    """[gate; up] rows, the RMSNorm in the quantizing launch, SwiGLU in the epilogue; 20 outputs: a partial block."""
+    """[gate; up] rows, the RMSNorm before the codes, SwiGLU in the epilogue; 20 outputs: a partial block."""
     i_out, k, group = 20, 192, 64
     qweight, scales, zeros = random_int4(2 * i_out, k, group, seed=41, device=DEVICE)
     x = rand(k, dtype, 42, scale=3.0) + 0.5
@@ -142,8 +139,8 @@ def test_norm_and_gated(cfg, dtype):
 
 def test_rejects_bad_inputs():
     qweight, scales, zeros = random_int4(8, 64, 32, seed=1, device=DEVICE)
-    with pytest.raises(ValueError, match="multiple of 32"):
-        dp2a_gemv.quantize_activation16(rand(48, torch.float16, 1), 32)
+    with pytest.raises(ValueError, match="x has 48 elements"):
+        dp2a_gemv.int4_gemv_dp2a(rand(48, torch.float16, 1), qweight, scales, zeros, 32)
     with pytest.raises(ValueError, match="prefetch"):
         dp2a_gemv.int4_gemv_dp2a(rand(64, torch.float16, 2), qweight, scales, zeros, 32,
                                  config=gemv.GemvConfig(8, 64, 4, prefetch=True))

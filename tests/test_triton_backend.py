@@ -166,7 +166,7 @@ def test_tuned_tiles_reach_the_kernels_and_change_nothing_but_speed(monkeypatch)
 
 
 def test_roles_tuned_to_dp2a_run_it_and_keep_the_logits(monkeypatch):
-    """A role `ffchat tune` gave to the dp2a kernel launches it (quantizing x first) with its tile; the others keep
+    """A role `ffchat tune` gave to the dp2a kernel launches it (x coded in the kernel) with its tile; the others keep
     the W4A16 kernel; the logits stay the reference's (int16 codes: ~1e-5)."""
     from ffchat import triton_backend
     from ffchat.kernels.int4_gemv import GemvConfig
