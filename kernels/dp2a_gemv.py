@@ -217,8 +217,6 @@ def int4_gemv_dp2a(
     """
     n, k = check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
                              norm_weight=norm_weight)
-    if group_size % 8:
-        raise ValueError(f"group size {group_size} must be a multiple of 8")
     cfg = config or pick_config(qweight.shape[0], k, group_size, gated=gated, w4a8=True, device=x.device)
     if cfg.prefetch:
         raise ValueError("prefetch is a W4A16 option; the dp2a kernel always requests the next tile first")
