@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from ffchat.kernels.int4_gemv import (
-    GemvConfig, check_gemv_inputs, finish_gemv, gemv_reference_epilogue, launch_gemv, load_tile, pick_config,
-    rms_normalize, rms_rstd, tile_rows,
+    GemvConfig, check_gemv_inputs, finish_gemv, fused_norm, gemv_reference_epilogue, launch_gemv, load_tile,
+    pick_config, rms_normalize, rms_rstd, tile_rows,
 )
 from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.pdl import release_dependents, wait_for_inputs
@@ -133,7 +133,7 @@ def dp2a_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS: tl.constexp
 
 
 @triton.jit
-def dp2a_accumulate(block, split, w, s, z, x_ptr, nw_ptr, eps, w_ptr, s_ptr, z_ptr, N, K,
+def dp2a_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, nw_ptr, eps,
                     CHUNKS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     W_ALIGN: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                     NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr, USE_ASM: tl.constexpr):
@@ -168,7 +168,7 @@ def dp2a_accumulate(block, split, w, s, z, x_ptr, nw_ptr, eps, w_ptr, s_ptr, z_p
 
 @triton.jit
 def _int4_gemv_dp2a_kernel(
-    x_ptr, nw_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr, N, K, eps,
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr, N, K, nw_ptr, eps,
     CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, USE_ASM: tl.constexpr,
     GATED: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr,
@@ -187,7 +187,7 @@ def _int4_gemv_dp2a_kernel(
     wait_for_inputs(PDL)
     if not RELEASE_EARLY:
         release_dependents(PDL)
-    y = dp2a_accumulate(block, split, w, s, z, x_ptr, nw_ptr, eps, w_ptr, s_ptr, z_ptr, N, K, CHUNKS, G, BLOCK_N,
+    y = dp2a_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, nw_ptr, eps, CHUNKS, G, BLOCK_N,
                         BLOCK_K, W_ALIGN, EVEN, GATED, NORM, NORM_BLOCK, NORM_CHUNKS, USE_ASM)
     rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
     finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
@@ -220,15 +220,12 @@ def int4_gemv_dp2a(
     cfg = config or pick_config(qweight.shape[0], k, group_size, gated=gated, w4a8=True, device=x.device)
     if cfg.prefetch:
         raise ValueError("prefetch is a W4A16 option; the dp2a kernel always requests the next tile first")
-    x = x.contiguous()
-    norm = norm_weight.contiguous() if norm_weight is not None else x
-    inputs = (x, norm) + tuple(t.contiguous() for t in (qweight, scales, zeros))
-    norm_block = min(triton.next_power_of_2(k), 4096)
+    inputs = tuple(t.contiguous() for t in (x, qweight, scales, zeros))
+    norm_args, norm = fused_norm(inputs[0], norm_weight, norm_eps)
     return launch_gemv(_int4_gemv_dp2a_kernel, inputs, n, k, group_size, cfg, bias, residual, out, x.dtype, x.device,
-                       extra_args=(float(norm_eps),), part_rows=qweight.shape[0],
+                       extra_args=norm_args, part_rows=qweight.shape[0],
                        USE_ASM=not interpreted(_int4_gemv_dp2a_kernel),  # inline asm cannot be interpreted
-                       GATED=gated, NORM=norm_weight is not None, NORM_BLOCK=norm_block,
-                       NORM_CHUNKS=triton.cdiv(k, norm_block), RELEASE_EARLY=release_early)
+                       GATED=gated, RELEASE_EARLY=release_early, **norm)
 
 
 def int16_codes(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -582,16 +582,24 @@ def int4_gemv(
                          norm_weight=norm_weight)
     cfg = config or pick_config(qweight.shape[0], k, group_size, gated=gated, device=x.device)
     inputs = tuple(t.contiguous() for t in (x, qweight, scales, zeros))
-    if norm_weight is not None:
-        norm_block = min(triton.next_power_of_2(k), 4096)  # one pass for K <= 4096: few serial L2 round trips
-        norm = {"NORM": True, "NORM_BLOCK": norm_block, "NORM_CHUNKS": triton.cdiv(k, norm_block)}
-        norm_args = (norm_weight.contiguous(), float(norm_eps))
-    else:  # fixed values, so the plain kernel is compiled once whatever K is
-        norm = {"NORM": False, "NORM_BLOCK": 1, "NORM_CHUNKS": 0}
-        norm_args = (inputs[0], 0.0)
+    norm_args, norm = fused_norm(inputs[0], norm_weight, norm_eps)
     return launch_gemv(_int4_gemv_kernel, inputs, n, k, group_size, cfg, bias, residual, out, x.dtype, x.device,
                    extra_args=(HIGH_NIBBLE, LOW_NIBBLE, ONE_F32) + norm_args, part_rows=qweight.shape[0],
                    GATED=gated, PREFETCH=cfg.prefetch, RELEASE_EARLY=release_early, **norm)
+
+
+def fused_norm(x: torch.Tensor, norm_weight: torch.Tensor | None, norm_eps: float) -> tuple[tuple, dict]:
+    """A GEMV launch's RMSNorm arguments (norm weight, eps) and constants (NORM, NORM_BLOCK, NORM_CHUNKS).
+
+    With a norm the statistic takes one pass over K <= 4096 (few serial L2 round trips); without one the
+    constants are fixed, so the plain kernel is compiled once whatever K is (x stands in for the weight).
+    """
+    if norm_weight is None:
+        return (x, 0.0), {"NORM": False, "NORM_BLOCK": 1, "NORM_CHUNKS": 0}
+    k = x.numel()
+    norm_block = min(triton.next_power_of_2(k), 4096)
+    return (norm_weight.contiguous(), float(norm_eps)), {"NORM": True, "NORM_BLOCK": norm_block,
+                                                         "NORM_CHUNKS": triton.cdiv(k, norm_block)}
 
 
 def int4_gemv_reference(
