@@ -7,8 +7,7 @@ head), on fresh random INT4 weights rotated through more memory than L2 holds, a
 checking each candidate against ``int4_gemv_reference``; the fastest correct one wins.
 The profile's own choice is always a candidate. Candidates are of two kernels: the W4A16 GEMV,
 and the dp2a GEMV (``ffchat.kernels.dp2a_gemv``: x as int16 codes, the same result to ~1e-5).
-A role keeps a dp2a winner only if the whole decode step is faster with it too (``confirm_dp2a``): on an H100
-the 8B LM head took 95 us instead of 110 alone and the step no less (BENCHMARKS.md, 2026-12-06).
+A role keeps a dp2a winner only if the whole decode step is faster with it too (``confirm_dp2a``).
 Timed alone, a GEMV only approximates its
 cost inside the captured step (PDL overlaps neighbours): on an H200 the 1B winners, each
 0-2% faster alone, made the step 4% faster; another set, with one GEMV 7% faster alone,

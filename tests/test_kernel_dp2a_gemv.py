@@ -47,6 +47,22 @@ def test_codes_round_to_nearest_even_and_keep_the_group_max_below_2_15():
     assert codes[1, 0].item() == 3.0 * 2**13
 
 
+def test_the_kernel_codes_x_as_the_reference_does_ties_included():
+    """Row r reads input r alone (q = 1, s = 1, z = 0), so each output is one code times its scale, exactly."""
+    from ffchat.quantize.layout import pack_int4
+
+    n, k, group = 8, 64, 32
+    q = torch.zeros(n, k, dtype=torch.int64)
+    q[torch.arange(n), torch.arange(n)] = 1
+    qweight = pack_int4(q).to(DEVICE)
+    scales = torch.ones(n, k // group, dtype=torch.float16, device=DEVICE)
+    zeros = torch.zeros(n, k // group, dtype=torch.float16, device=DEVICE)
+    x = torch.zeros(k)
+    x[:8] = torch.tensor([2.0**14, 2.5, 3.5, -2.5, 0.5, 1.5, -1.5, 7.0])  # group scale 1: ties round to even
+    y = dp2a_gemv.int4_gemv_dp2a(x.to(DEVICE, torch.float16), qweight, scales, zeros, group)
+    assert y.float().cpu().tolist() == [16384.0, 2.0, 4.0, -2.0, 0.0, 2.0, -2.0, 7.0]
+
+
 def test_codes_keep_bf16_values_exact_within_2_7_of_the_group_max():
     """Dividing by a power of two is exact, so only elements far below the group's largest are rounded."""
     group = 64
