@@ -21,9 +21,9 @@ from torch import Tensor
 
 from ffchat.errors import FfchatError
 from ffchat.kernels.decode_attention import make_workspace
-from ffchat.kernels.int4_gemv import GemvConfig, pick_config
+from ffchat.kernels.int4_gemv import GemvConfig, pick_config, sm_count
 from ffchat.kernels.megakernel import (
-    GEMV_ROLES, DecodeModel, MegakernelConfig, StackedLinear, compile_megakernel, megakernel_decode, prepare, sms,
+    GEMV_ROLES, DecodeModel, MegakernelConfig, StackedLinear, compile_megakernel, megakernel_decode, prepare,
 )
 from ffchat.kernels.schedule import stage_of_error
 from ffchat.kernels.trace import StageTime, stage_times
@@ -48,7 +48,7 @@ def default_config(model: DecodeModel, device: torch.device) -> MegakernelConfig
     Attention (1B): 32 shares of 64-key blocks 599 us at context 512 and 661 at 4096, of 16-key blocks
     615 and 760, 16 shares of 16 keys 640 at 512.
     """
-    programs = PROGRAMS_PER_SM * sms(device) if device.type == "cuda" else 1
+    programs = PROGRAMS_PER_SM * sm_count(device) if device.type == "cuda" else 1
     tiles = {}
     for role in GEMV_ROLES:
         linear: StackedLinear = getattr(model, role)
@@ -61,7 +61,7 @@ def default_config(model: DecodeModel, device: torch.device) -> MegakernelConfig
 def megakernel_tile(tile: GemvConfig) -> GemvConfig:
     """A GEMV tile as the megakernel runs it: one K slice, no register cap of its own (the kernel's applies), the
     next tile requested before the current one is computed."""
-    return replace(tile, split_k=1, max_registers=None, prefetch=True)
+    return replace(tile, split_k=1, max_registers=None, prefetch=True, programs_per_sm=0)
 
 
 def config_from_fields(fields: dict) -> MegakernelConfig:

@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import triton
 
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.kernels.dp2a_gemv import int4_gemv_dp2a
-from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_reference, pick_config
-from ffchat.kernels.megakernel import MegakernelConfig, registers_per_sm, sms
+from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_reference, pick_config, sm_count
+from ffchat.kernels.megakernel import MegakernelConfig, registers_per_sm
 from ffchat.megakernel_backend import attention_splits, megakernel_tile
 from ffchat.profiles import GpuIdentity
 from ffchat.tuning_cache import GemvProblem, MegakernelTuning, decode_problems, save_tuning, tuning_path
@@ -67,11 +68,17 @@ W4A16, DP2A = "w4a16", "dp2a"  # the GEMV kernels a role can be tuned to
 DP2A_TILES = ((8, 2048, 4, 1), (16, 2048, 4, 1), (16, 2048, 8, 1), (16, 1024, 4, 1), (16, 1024, 8, 1),
               (32, 1024, 4, 1), (32, 512, 4, 4), (32, 1024, 4, 4))
 DP2A_GATED_TILES = ((8, 1024, 4, 1), (16, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 1))
+# dp2a with programs looping over row blocks, x coded once each (block_n, programs per SM), all of K in one tile:
+# for GEMVs of at least ROW_LOOP_ROWS rows (LM heads) and K up to ROW_LOOP_MAX_K.
+DP2A_ROW_LOOPS = ((16, 2), (8, 2), (8, 4))
+ROW_LOOP_ROWS = 32768
+ROW_LOOP_MAX_K = 4096
 
 
 def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, GemvConfig]]:
     """(kernel, tile) pairs: the profile's W4A16 choice first, then a grid of W4A16 tiles around the measured
-    optimum of the H200 sweep, then the dp2a kernel's (the W4A8 table's choice, then ``DP2A_TILES``).
+    optimum of the H200 sweep, then the dp2a kernel's (the W4A8 table's choice, then ``DP2A_TILES``, and for an LM
+    head row loops, ``DP2A_ROW_LOOPS``).
 
     block_n counts outputs for a gated problem. Each candidate is shrunk to the problem like
     the profile's own, and duplicates are dropped.
@@ -86,6 +93,9 @@ def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, Ge
     dp2a = [pick_config(problem.n, problem.k, problem.group_size, gated=problem.gated, w4a8=True, device=device)]
     dp2a += [GemvConfig(block_n=block_n, block_k=block_k, num_warps=warps, split_k=split)
              for block_n, block_k, warps, split in (DP2A_GATED_TILES if problem.gated else DP2A_TILES)]
+    if problem.n >= ROW_LOOP_ROWS and problem.k <= ROW_LOOP_MAX_K:
+        dp2a += [GemvConfig(block_n=block_n, block_k=triton.next_power_of_2(problem.k), num_warps=4,
+                            programs_per_sm=programs) for block_n, programs in DP2A_ROW_LOOPS]
 
     def shrunk(cfg: GemvConfig) -> GemvConfig:
         return pick_config(problem.n, problem.k, problem.group_size, ((math.inf, math.inf, cfg),), gated=problem.gated)
@@ -307,7 +317,7 @@ def tune_megakernel(weights, device: torch.device, tuned: dict[str, GemvConfig],
     except Exception:  # noqa: BLE001 - it does not compile, fit or pass its check: the GPU runs the triton backend
         rejected = 1
     else:
-        found = megakernel_candidates(probe.kernel_config, tuned, sms(device), registers_per_sm(device),
+        found = megakernel_candidates(probe.kernel_config, tuned, sm_count(device), registers_per_sm(device),
                                       config.num_kv_heads)
         timed.append((step_us(probe, tokens), found[0]))
         compile_all([lambda cfg=cfg: probe.compile_config(cfg) for cfg in found[1:]])

@@ -20,6 +20,12 @@ the code pairs reach the tile's layout through shared memory. A code is one FFMA
 1.5 * 2^23 to x / 2^e rounds it to the nearest integer (ties to even) and leaves it in the low
 bits of the sum, from which two codes are packed into the int32 pair a ``dp2a`` reads.
 
+Where a GEMV has thousands of row blocks (an LM head), coding x again in every program costs more than
+the launch it saves (BENCHMARKS.md, stop 25: the 1B head 57.1 us, against 46.8 with x coded once
+beforehand). ``GemvConfig.programs_per_sm`` launches a few programs per SM instead, each coding x once
+(all of K in one tile) and looping over every PROGRAMS-th row block, requesting the next block's tile
+before computing the current one; ``ffchat tune`` tries it on LM heads.
+
 Per row and group the kernel forms ``s * 2^e * (sum(q * c) - z * sum(c))``, the integer sums
 exact in int32. The weight layout is version 1 (``ffchat.quantize.layout``): the low nibbles of
 a word's bytes are inputs 8j..8j+3, the high ones 8j+4..8j+7.
@@ -32,8 +38,8 @@ import triton
 import triton.language as tl
 
 from ffchat.kernels.int4_gemv import (
-    GemvConfig, check_gemv_inputs, finish_gemv, fused_norm, gemv_reference_epilogue, launch_gemv, load_tile,
-    pick_config, rms_normalize, rms_rstd, tile_rows,
+    GemvConfig, check_gemv_inputs, finish_gemv, fused_norm, gemv_epilogue, gemv_reference_epilogue, launch_gemv,
+    load_tile, pick_config, rms_normalize, rms_rstd, tile_rows,
 )
 from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.pdl import release_dependents, wait_for_inputs
@@ -156,28 +162,59 @@ def dp2a_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, nw_
             n_ok = (g0 + GROUPS + grp) < groups_per_row
             w, s, z = load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok[:, None] & n_ok[None, :],
                                 G // 8, EVEN)
-        low = w_now & _NIBBLES  # bytes b: nibble of input 8j + b
-        high = (w_now >> 4) & _NIBBLES  # input 8j + 4 + b
-        d = _dp2a(x0, low, tl.zeros_like(w_now), False, USE_ASM)
-        d = _dp2a(x1, low, d, True, USE_ASM)
-        d = _dp2a(x2, high, d, False, USE_ASM)
-        d = _dp2a(x3, high, d, True, USE_ASM)
-        acc += s_now * xs[None, :] * (tl.sum(d, axis=2).to(tl.float32) - z_now * x_sum[None, :])
+        acc += _group_sums(w_now, s_now, z_now, x0, x1, x2, x3, xs, x_sum, USE_ASM)
     return tl.sum(acc, axis=1)
 
 
 @triton.jit
+def _group_sums(w, s, z, x0, x1, x2, x3, xs, x_sum, USE_ASM: tl.constexpr):
+    """One tile's fp32 products per row and group [rows, groups]: s * 2^e * (sum(q * c) - z * sum(c))."""
+    low = w & _NIBBLES  # bytes b: nibble of input 8j + b
+    high = (w >> 4) & _NIBBLES  # input 8j + 4 + b
+    d = _dp2a(x0, low, tl.zeros_like(w), False, USE_ASM)
+    d = _dp2a(x1, low, d, True, USE_ASM)
+    d = _dp2a(x2, high, d, False, USE_ASM)
+    d = _dp2a(x3, high, d, True, USE_ASM)
+    return s * xs[None, :] * (tl.sum(d, axis=2).to(tl.float32) - z * x_sum[None, :])
+
+
+@triton.jit
+def dp2a_row_loop(block, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, N, K, nw_ptr, eps,
+                  BLOCKS, PROGRAMS, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                  W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+                  GATED: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr,
+                  USE_ASM: tl.constexpr):
+    """Row blocks block, block + PROGRAMS, ... to the output, all of K in one tile whose first (w, s, z) is
+    loaded: x is coded once, and each block's tile is requested before the one before it is computed."""
+    GROUPS: tl.constexpr = BLOCK_K // G
+    g_ok = tl.arange(0, GROUPS) < K // G
+    rstd = rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS) if NORM else 1.0
+    x0, x1, x2, x3, xs, x_sum = _code_pairs(x_ptr, nw_ptr, 0, g_ok, rstd, G, GROUPS, NORM, EVEN)
+    rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
+    while block < BLOCKS:
+        w_now, s_now, z_now, rows_now, ok_now = w, s, z, rows, row_ok
+        if block + PROGRAMS < BLOCKS:
+            rows, row_ok, w_offs, sz_offs = _tile_offsets(block + PROGRAMS, N, K, G, BLOCK_N, BLOCK_K, W_ALIGN, GATED)
+            w, s, z = load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, 0, row_ok[:, None] & g_ok[None, :], G // 8,
+                                EVEN)
+        y = tl.sum(_group_sums(w_now, s_now, z_now, x0, x1, x2, x3, xs, x_sum, USE_ASM), axis=1)
+        gemv_epilogue(y, block, rows_now, ok_now, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
+        block += PROGRAMS
+
+
+@triton.jit
 def _int4_gemv_dp2a_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr, N, K, nw_ptr, eps,
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, count_ptr, N, K, nw_ptr, eps, BLOCKS, PROGRAMS,
     CHUNKS: tl.constexpr, SPLITS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, USE_ASM: tl.constexpr,
     GATED: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr,
-    PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr,
+    PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr, LOOP_ROWS: tl.constexpr,
 ):
     """A [rows, groups, words] tile per iteration against int16 codes of x; nw_ptr/eps are read only with NORM.
 
     GATED: N = I outputs from [gate; up] rows, interleaved in the tile as in the W4A16 kernel.
     RELEASE_EARLY: let the next kernel become resident before this one's input is ready (``ffchat.kernels.pdl``).
+    LOOP_ROWS: PROGRAMS programs each take every PROGRAMS-th of the BLOCKS row blocks (one tile, one K slice).
     """
     block, split = tl.program_id(0), tl.program_id(1)
     w, s, z = dp2a_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN,
@@ -187,11 +224,16 @@ def _int4_gemv_dp2a_kernel(
     wait_for_inputs(PDL)
     if not RELEASE_EARLY:
         release_dependents(PDL)
-    y = dp2a_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, nw_ptr, eps, CHUNKS, G, BLOCK_N,
-                        BLOCK_K, W_ALIGN, EVEN, GATED, NORM, NORM_BLOCK, NORM_CHUNKS, USE_ASM)
-    rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
-    finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
-                SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
+    if LOOP_ROWS:
+        dp2a_row_loop(block, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, N, K, nw_ptr, eps,
+                      BLOCKS, PROGRAMS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, HAS_BIAS, HAS_RES, GATED, NORM,
+                      NORM_BLOCK, NORM_CHUNKS, USE_ASM)
+    else:
+        y = dp2a_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, nw_ptr, eps, CHUNKS, G,
+                            BLOCK_N, BLOCK_K, W_ALIGN, EVEN, GATED, NORM, NORM_BLOCK, NORM_CHUNKS, USE_ASM)
+        rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
+        finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+                    SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
 def int4_gemv_dp2a(
@@ -223,7 +265,7 @@ def int4_gemv_dp2a(
     inputs = tuple(t.contiguous() for t in (x, qweight, scales, zeros))
     norm_args, norm = fused_norm(inputs[0], norm_weight, norm_eps)
     return launch_gemv(_int4_gemv_dp2a_kernel, inputs, n, k, group_size, cfg, bias, residual, out, x.dtype, x.device,
-                       extra_args=norm_args, part_rows=qweight.shape[0],
+                       extra_args=norm_args, part_rows=qweight.shape[0], loops_rows=True,
                        USE_ASM=not interpreted(_int4_gemv_dp2a_kernel),  # inline asm cannot be interpreted
                        GATED=gated, RELEASE_EARLY=release_early, **norm)
 

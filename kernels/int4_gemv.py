@@ -71,6 +71,9 @@ class GemvConfig:
     registers; it pays on long rows (many tiles per program) and costs on short ones.
     ``max_registers``: a per-thread register cap for ptxas (None: its own choice). A lower cap lets
     more programs share an SM, which hides more memory latency where the cap costs no spills.
+    ``programs_per_sm`` (dp2a only; 0: a program per row block and K slice): that many programs per SM,
+    each looping over row blocks with x coded once, the whole of K in one tile. For GEMVs of thousands
+    of row blocks (LM heads), where coding x again in every program costs more than the loop.
     """
 
     block_n: int
@@ -80,6 +83,7 @@ class GemvConfig:
     split_k: int = 1
     prefetch: bool = False
     max_registers: int | None = None
+    programs_per_sm: int = 0
 
 
 @functools.cache
@@ -476,6 +480,12 @@ def _quantize_x_kernel(x_ptr, xq_ptr, xs_ptr, xsum_ptr, nw_ptr, num_groups, K, e
     tl.store(xsum_ptr + grp, tl.sum(q, axis=1), mask=ok)
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter runs programs one at a time)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
@@ -522,23 +532,33 @@ def check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out
 
 
 def launch_gemv(kernel, inputs, n, k, group_size, cfg, bias, residual, out, dtype, device, extra_args=(),
-                part_rows=None, **extra):
+                part_rows=None, loops_rows=False, **extra):
     """Shared launcher: grid of (row blocks, K slices), workspace for split-K, dummy pointers for absent tensors.
 
-    n is the number of outputs; ``part_rows`` (default n) the width of a split-K partial.
+    n is the number of outputs; ``part_rows`` (default n) the width of a split-K partial. ``loops_rows``: the
+    kernel takes (row blocks, programs) after ``extra_args`` and LOOP_ROWS, for ``cfg.programs_per_sm``.
     """
     if cfg.block_k % group_size:
         raise ValueError(f"block_k {cfg.block_k} must be a multiple of the group size {group_size}")
+    if cfg.programs_per_sm and not loops_rows:
+        raise ValueError("programs_per_sm is a dp2a option")
+    if cfg.programs_per_sm and (cfg.block_k < k or cfg.split_k > 1):
+        raise ValueError(f"programs_per_sm needs all of K={k} in one tile, got block_k {cfg.block_k}, "
+                         f"split_k {cfg.split_k}")
     if out is None:
         out = torch.empty(n, dtype=dtype, device=device)
     chunks = triton.cdiv(k, cfg.block_k)
     chunks_per_split = triton.cdiv(chunks, cfg.split_k)
     num_splits = triton.cdiv(chunks, chunks_per_split)
     row_blocks = triton.cdiv(n, cfg.block_n)
+    programs = min(row_blocks, cfg.programs_per_sm * sm_count(device)) if cfg.programs_per_sm else row_blocks
+    if loops_rows:
+        extra_args = (*extra_args, row_blocks, programs)
+        extra["LOOP_ROWS"] = bool(cfg.programs_per_sm)
     split = num_splits > 1
     partials = torch.empty((num_splits, part_rows or n), dtype=torch.float32, device=device) if split else out
     counters = _arrival_counters(device, row_blocks) if split else out
-    kernel[(row_blocks, num_splits)](
+    kernel[(programs, num_splits)](
         *inputs,
         bias if bias is not None else out, residual if residual is not None else out,
         out, partials, counters,

@@ -44,7 +44,7 @@ from ffchat.kernels.decode_attention import (
 )
 from ffchat.kernels.int4_gemv import (
     HIGH_NIBBLE, LOW_NIBBLE, ONE_F32, GemvConfig, gemv_accumulate, gemv_epilogue, gemv_first_tile,
-    int4_gemv_reference, tile_rows,
+    int4_gemv_reference, sm_count, tile_rows,
 )
 from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.schedule import (
@@ -344,7 +344,7 @@ def megakernel_decode(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
     args, options = _launch_arguments(model, k_cache, v_cache, cos, sin, step_ids, workspace, state)
     kernel = _megakernel[(cfg.programs,)](*args, **options)
     if not state.resident_checked and not _INTERPRETED:
-        most = resident_per_sm(kernel, cfg.num_warps, k_cache.device) * sms(k_cache.device)
+        most = resident_per_sm(kernel, cfg.num_warps, k_cache.device) * sm_count(k_cache.device)
         if cfg.programs > most:
             raise ValueError(f"the megakernel's {cfg.programs} programs cannot all be resident on this GPU (at most "
                              f"{most} with {kernel.n_regs} registers per thread); its waits would run out")
@@ -417,10 +417,6 @@ def _launch_arguments(model: DecodeModel, k_cache: torch.Tensor, v_cache: torch.
         num_warps=cfg.num_warps, num_stages=1, **({"maxnreg": cfg.max_registers} if cfg.max_registers else {}),
     )
     return args, options
-
-
-def sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def registers_per_sm(device: torch.device) -> int:

@@ -153,6 +153,46 @@ def test_norm_and_gated(cfg, dtype):
     assert rel_err(out, plain) > 10 * TOL[dtype], "the norm must matter for this x"
 
 
+ROW_LOOP_CASES = {
+    # (outputs, K, group, gated, norm): ragged last block, K short of the tile (576 of 1024), a gated tile
+    "plain": (52, 576, 64, False, False),
+    "norm-gated": (44, 192, 64, True, True),
+}
+
+
+@pytest.mark.parametrize("case", ROW_LOOP_CASES)
+def test_programs_looping_over_row_blocks_write_what_a_program_a_block_writes(case):
+    """``programs_per_sm``: 3 programs (one SM here) take every third of the row blocks, x coded once each."""
+    n, k, group, gated, norm = ROW_LOOP_CASES[case]
+    qweight, scales, zeros = random_int4(2 * n if gated else n, k, group, seed=61, device=DEVICE)
+    x = rand(k, torch.bfloat16, 62, scale=2.0)
+    extra = {"bias": rand(2 * n if gated else n, torch.bfloat16, 63), "gated": gated}
+    if norm:
+        extra["norm_weight"] = (torch.rand(k, generator=torch.Generator().manual_seed(64)) + 0.5).to(DEVICE,
+                                                                                                       torch.bfloat16)
+    else:
+        extra["residual"] = rand(n, torch.bfloat16, 65)
+    block_k = 1 << (k - 1).bit_length()
+    per_block = dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, group,
+                                         config=gemv.GemvConfig(8, block_k, 4), **extra)
+    out = torch.full((n,), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    looped = dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, group, out=out,
+                                      config=gemv.GemvConfig(8, block_k, 4, programs_per_sm=3), **extra)
+    assert torch.isfinite(out).all(), "some row blocks were never written"
+    assert torch.equal(looped, per_block)
+    ref = dp2a_gemv.int4_gemv_dp2a_reference(x, qweight, scales, zeros, group, **extra)
+    assert rel_err(looped, ref) < TOL[torch.bfloat16]
+
+
+def test_row_loops_need_all_of_k_in_one_tile_and_the_dp2a_kernel():
+    qweight, scales, zeros = random_int4(8, 256, 32, seed=3, device=DEVICE)
+    x = rand(256, torch.float16, 4)
+    with pytest.raises(ValueError, match="all of K=256 in one tile"):
+        dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, 32, config=gemv.GemvConfig(8, 128, 4, programs_per_sm=2))
+    with pytest.raises(ValueError, match="programs_per_sm is a dp2a option"):
+        gemv.int4_gemv(x, qweight, scales, zeros, 32, config=gemv.GemvConfig(8, 256, 4, programs_per_sm=2))
+
+
 def test_rejects_bad_inputs():
     qweight, scales, zeros = random_int4(8, 64, 32, seed=1, device=DEVICE)
     with pytest.raises(ValueError, match="x has 48 elements"):

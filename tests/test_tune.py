@@ -14,7 +14,9 @@ from ffchat.kernels.int4_gemv import GemvConfig, pick_config
 from ffchat.profiles import GpuIdentity
 from ffchat.shapes import shape_config
 from ffchat.megakernel_backend import default_config
-from ffchat.tune import DP2A, MEGAKERNEL_CANDIDATES, W4A16, ProblemResult, candidates, megakernel_candidates
+from ffchat.tune import (
+    DP2A, DP2A_ROW_LOOPS, MEGAKERNEL_CANDIDATES, W4A16, ProblemResult, candidates, megakernel_candidates,
+)
 from ffchat.tuning_cache import (
     GemvProblem, MegakernelTuning, decode_problems, describe_megakernel, load_tuning, save_tuning, tuning_path,
 )
@@ -59,6 +61,15 @@ def test_candidates_start_with_the_profile_and_fit_the_problem(role):
         assert cfg.block_n <= outputs and cfg.block_k % problem.group_size == 0
         assert cfg.split_k == 1 or kernel == DP2A and cfg.split_k <= -(-problem.k // cfg.block_k), "K slices fit K"
         assert not (kernel == DP2A and cfg.prefetch), "prefetch is a W4A16 option"
+
+
+def test_only_an_lm_head_gets_dp2a_row_loops_and_they_hold_all_of_k_in_one_tile():
+    problems = {p.role: p for p in decode_problems(shape_config("llama-3.2-1b"), 128)}
+    head = [(kernel, cfg) for kernel, cfg in candidates(problems["head"], CPU) if cfg.programs_per_sm]
+    assert len(head) == len(DP2A_ROW_LOOPS)
+    assert all(kernel == DP2A and cfg.block_k >= problems["head"].k and cfg.split_k == 1 for kernel, cfg in head)
+    for role in ("qkv", "o", "gate_up", "down"):
+        assert not any(cfg.programs_per_sm for _, cfg in candidates(problems[role], CPU))
 
 
 def result(problem, block_n, kernel=W4A16):

@@ -213,3 +213,22 @@ def test_dp2a_norm_gated_mlp(i, k):
     w4a16 = int4_gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, norm_eps=1e-5,
                                           gated=True)
     assert rel_err(out, w4a16) < 1.5e-2
+
+
+@pytest.mark.parametrize("n, k, block_n, per_sm", [(128256, 2048, 16, 2), (151936, 896, 8, 4), (128256, 4096, 8, 2)],
+                         ids=["llama-1b-head", "qwen-0.5b-head", "llama-8b-head"])
+def test_dp2a_row_loops_write_what_a_program_a_block_writes(n, k, block_n, per_sm):
+    """LM heads with a few programs per SM looping over the row blocks: bit for bit the one-block programs."""
+    from ffchat.kernels import dp2a_gemv, int4_gemv
+
+    qweight, scales, zeros = weights(n, k, seed=n + k)
+    x, norm_weight = norm_inputs(k, seed=k + 5)
+    block_k = 1 << (k - 1).bit_length()
+    per_block = dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight,
+                                         config=int4_gemv.GemvConfig(block_n, block_k, 4))
+    out = torch.full((n,), float("nan"), device="cuda", dtype=torch.bfloat16)
+    dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, out=out,
+                             config=int4_gemv.GemvConfig(block_n, block_k, 4, programs_per_sm=per_sm))
+    assert torch.equal(out, per_block)
+    ref = int4_gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight)
+    assert rel_err(out, ref) < 1.5e-2
