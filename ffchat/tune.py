@@ -446,7 +446,8 @@ def run_tune(model: str | None, shape: str | None, out, err) -> None:
     for r in results:
         c = r.config
         tile = f"{c.block_n} x {c.block_k}, {c.num_warps}" + (f", {c.max_registers} regs" if c.max_registers else "") \
-            + (", prefetch" if c.prefetch else "")
+            + (", prefetch" if c.prefetch else "") + (f", {c.split_k} K slices" if c.split_k > 1 else "") \
+            + (f", {c.programs_per_sm} looping programs/SM" if c.programs_per_sm else "")
         table.add_row(r.problem.role, f"{r.problem.n} x {r.problem.k}", r.kernel, tile, f"{r.us:.2f}",
                       f"{r.profile_us:.2f}", str(r.rejected))
     out.print(table)
