@@ -227,7 +227,7 @@ def step_us(backend, tokens: list[int]) -> float:
                            for context in TUNE_CONTEXTS)
 
 
-def megakernel_candidates(default: MegakernelConfig, tuned_tiles: dict[str, GemvConfig], sm_count: int,
+def megakernel_candidates(default: MegakernelConfig, tuned_tiles: dict[str, GemvConfig], sms: int,
                           registers_per_sm: int, num_kv_heads: int) -> list[MegakernelConfig]:
     """The default config, the default with half its attention shares per KV head, then every combination of
     the other searched axes (duplicates dropped):
@@ -244,7 +244,7 @@ def megakernel_candidates(default: MegakernelConfig, tuned_tiles: dict[str, Gemv
     found = [default, dataclasses.replace(default, attention_splits=max(2, default.attention_splits // 2))]
     for tiles in tile_sets:
         for per_sm, warps in MEGAKERNEL_GRIDS:
-            programs = per_sm * sm_count
+            programs = per_sm * sms
             cap = registers_per_sm // (per_sm * warps * 32)
             for block in MEGAKERNEL_ATTENTION_BLOCKS:
                 found.append(dataclasses.replace(default, programs=programs, num_warps=warps, tiles=tiles,
