@@ -68,17 +68,22 @@ W4A16, DP2A = "w4a16", "dp2a"  # the GEMV kernels a role can be tuned to
 DP2A_TILES = ((8, 2048, 4, 1), (16, 2048, 4, 1), (16, 2048, 8, 1), (16, 1024, 4, 1), (16, 1024, 8, 1),
               (32, 1024, 4, 1), (32, 512, 4, 4), (32, 1024, 4, 4))
 DP2A_GATED_TILES = ((8, 1024, 4, 1), (16, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 1))
-# dp2a with programs looping over row blocks, x coded once each (block_n, programs per SM), all of K in one tile:
-# for GEMVs of at least ROW_LOOP_ROWS rows (LM heads) and K up to ROW_LOOP_MAX_K.
+# dp2a with programs looping over row blocks, x coded once each, all of K (up to ROW_LOOP_MAX_K) in one tile.
+# LM heads (ROW_LOOP_ROWS rows or more) try DP2A_ROW_LOOPS, (block_n, programs per SM) at 4 warps. Other GEMVs
+# with at least ROW_LOOP_MIN_BLOCKS row blocks a program try two programs an SM, 4 and 8 warps, each with the
+# tallest tile of at most ROW_LOOP_TILE_WORDS words a warp: compiled for sm_90, the 8B gate/up's 8 x 4096 tile
+# at 4 warps and 16 x 4096 at 8 take 167 and 128 registers, no spills (the x code pairs and the next tile live too).
 DP2A_ROW_LOOPS = ((16, 2), (8, 2), (8, 4))
 ROW_LOOP_ROWS = 32768
 ROW_LOOP_MAX_K = 4096
+ROW_LOOP_MIN_BLOCKS = 3
+ROW_LOOP_TILE_WORDS = 1024
+ROW_LOOP_WARPS = (4, 8)
 
 
 def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, GemvConfig]]:
     """(kernel, tile) pairs: the profile's W4A16 choice first, then a grid of W4A16 tiles around the measured
-    optimum of the H200 sweep, then the dp2a kernel's (the W4A8 table's choice, then ``DP2A_TILES``, and for an LM
-    head row loops, ``DP2A_ROW_LOOPS``).
+    optimum of the H200 sweep, then the dp2a kernel's (the W4A8 table's choice, ``DP2A_TILES``, then ``row_loops``).
 
     block_n counts outputs for a gated problem. Each candidate is shrunk to the problem like
     the profile's own, and duplicates are dropped.
@@ -93,14 +98,31 @@ def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, Ge
     dp2a = [pick_config(problem.n, problem.k, problem.group_size, gated=problem.gated, w4a8=True, device=device)]
     dp2a += [GemvConfig(block_n=block_n, block_k=block_k, num_warps=warps, split_k=split)
              for block_n, block_k, warps, split in (DP2A_GATED_TILES if problem.gated else DP2A_TILES)]
-    if problem.n >= ROW_LOOP_ROWS and problem.k <= ROW_LOOP_MAX_K:
-        dp2a += [GemvConfig(block_n=block_n, block_k=triton.next_power_of_2(problem.k), num_warps=4,
-                            programs_per_sm=programs) for block_n, programs in DP2A_ROW_LOOPS]
+    dp2a += row_loops(problem, device)
 
     def shrunk(cfg: GemvConfig) -> GemvConfig:
         return pick_config(problem.n, problem.k, problem.group_size, ((math.inf, math.inf, cfg),), gated=problem.gated)
 
     return list(dict.fromkeys([(W4A16, shrunk(cfg)) for cfg in grid] + [(DP2A, shrunk(cfg)) for cfg in dp2a]))
+
+
+def row_loops(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
+    """The dp2a row-loop tiles ``candidates`` tries for ``problem`` (see ``DP2A_ROW_LOOPS``); none where K does
+    not fit one tile or, below LM heads, where the programs would get fewer than ROW_LOOP_MIN_BLOCKS blocks."""
+    if problem.k > ROW_LOOP_MAX_K:
+        return []
+    block_k = triton.next_power_of_2(problem.k)
+    if problem.n >= ROW_LOOP_ROWS:
+        return [GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, programs_per_sm=programs)
+                for block_n, programs in DP2A_ROW_LOOPS]
+    outputs = problem.n // 2 if problem.gated else problem.n
+    found = []
+    for warps in ROW_LOOP_WARPS:
+        rows = ROW_LOOP_TILE_WORDS * warps // (block_k // 8)
+        block_n = rows // 2 if problem.gated else rows
+        if block_n and triton.cdiv(outputs, block_n) >= ROW_LOOP_MIN_BLOCKS * 2 * sm_count(device):
+            found.append(GemvConfig(block_n=block_n, block_k=block_k, num_warps=warps, programs_per_sm=2))
+    return found
 
 
 def _random_problem(problem: GemvProblem, copies: int, device: torch.device, seed: int):

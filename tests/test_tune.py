@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from ffchat import tuning_cache
+from ffchat import tune, tuning_cache
 from ffchat.kernels.int4_gemv import GemvConfig, pick_config
 from ffchat.profiles import GpuIdentity
 from ffchat.shapes import shape_config
@@ -63,13 +63,25 @@ def test_candidates_start_with_the_profile_and_fit_the_problem(role):
         assert not (kernel == DP2A and cfg.prefetch), "prefetch is a W4A16 option"
 
 
-def test_only_an_lm_head_gets_dp2a_row_loops_and_they_hold_all_of_k_in_one_tile():
+def test_row_loops_go_to_lm_heads_and_gemvs_of_many_row_blocks_with_all_of_k_in_one_tile(monkeypatch):
+    monkeypatch.setattr(tune, "sm_count", lambda device: 132)  # an H100's
     problems = {p.role: p for p in decode_problems(shape_config("llama-3.2-1b"), 128)}
-    head = [(kernel, cfg) for kernel, cfg in candidates(problems["head"], CPU) if cfg.programs_per_sm]
-    assert len(head) == len(DP2A_ROW_LOOPS)
-    assert all(kernel == DP2A and cfg.block_k >= problems["head"].k and cfg.split_k == 1 for kernel, cfg in head)
-    for role in ("qkv", "o", "gate_up", "down"):
-        assert not any(cfg.programs_per_sm for _, cfg in candidates(problems[role], CPU))
+
+    def looped(role):
+        return [(kernel, cfg) for kernel, cfg in candidates(problems[role], CPU) if cfg.programs_per_sm]
+
+    assert len(looped("head")) == len(DP2A_ROW_LOOPS)
+    # gate/up: 8192 outputs in blocks of 8 are 3.9 blocks a program at two an SM; blocks of 16 (8 warps) too few
+    assert [(cfg.block_n, cfg.num_warps, cfg.programs_per_sm) for _, cfg in looped("gate_up")] == [(8, 4, 2)]
+    for role in ("head", "gate_up"):
+        assert all(kernel == DP2A and cfg.block_k >= problems[role].k and cfg.split_k == 1
+                   for kernel, cfg in looped(role))
+    for role in ("qkv", "o"):  # too few row blocks
+        assert not looped(role)
+    assert not looped("down")  # K = 8192 does not fit one tile
+    gate_up_8b = next(p for p in decode_problems(shape_config("llama-3.1-8b"), 128) if p.role == "gate_up")
+    assert [(cfg.block_n, cfg.num_warps) for _, cfg in candidates(gate_up_8b, CPU) if cfg.programs_per_sm] \
+        == [(4, 4), (8, 8)]
 
 
 def result(problem, block_n, kernel=W4A16):

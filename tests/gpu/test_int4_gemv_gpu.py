@@ -215,20 +215,24 @@ def test_dp2a_norm_gated_mlp(i, k):
     assert rel_err(out, w4a16) < 1.5e-2
 
 
-@pytest.mark.parametrize("n, k, block_n, per_sm", [(128256, 2048, 16, 2), (151936, 896, 8, 4), (128256, 4096, 8, 2)],
-                         ids=["llama-1b-head", "qwen-0.5b-head", "llama-8b-head"])
-def test_dp2a_row_loops_write_what_a_program_a_block_writes(n, k, block_n, per_sm):
-    """LM heads with a few programs per SM looping over the row blocks: bit for bit the one-block programs."""
+@pytest.mark.parametrize("n, k, block_n, warps, per_sm, gated", [
+    (128256, 2048, 16, 4, 2, False), (151936, 896, 8, 4, 4, False), (128256, 4096, 8, 4, 2, False),
+    (8192, 2048, 8, 4, 2, True), (14336, 4096, 4, 4, 2, True), (14336, 4096, 8, 8, 2, True),
+], ids=["llama-1b-head", "qwen-0.5b-head", "llama-8b-head", "llama-1b-gate-up", "llama-8b-gate-up",
+        "llama-8b-gate-up-8-warps"])
+def test_dp2a_row_loops_write_what_a_program_a_block_writes(n, k, block_n, warps, per_sm, gated):
+    """LM heads and gate/up with a few programs per SM looping over the row blocks: bit for bit the one-block
+    programs."""
     from ffchat.kernels import dp2a_gemv, int4_gemv
 
-    qweight, scales, zeros = weights(n, k, seed=n + k)
+    qweight, scales, zeros = weights(2 * n if gated else n, k, seed=n + k)
     x, norm_weight = norm_inputs(k, seed=k + 5)
     block_k = 1 << (k - 1).bit_length()
-    per_block = dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight,
-                                         config=int4_gemv.GemvConfig(block_n, block_k, 4))
+    per_block = dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, gated=gated,
+                                         config=int4_gemv.GemvConfig(block_n, block_k, warps))
     out = torch.full((n,), float("nan"), device="cuda", dtype=torch.bfloat16)
-    dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, out=out,
-                             config=int4_gemv.GemvConfig(block_n, block_k, 4, programs_per_sm=per_sm))
+    dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, gated=gated, out=out,
+                             config=int4_gemv.GemvConfig(block_n, block_k, warps, programs_per_sm=per_sm))
     assert torch.equal(out, per_block)
-    ref = int4_gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight)
+    ref = int4_gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, gated=gated)
     assert rel_err(out, ref) < 1.5e-2
