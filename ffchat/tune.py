@@ -70,15 +70,15 @@ DP2A_TILES = ((8, 2048, 4, 1), (16, 2048, 4, 1), (16, 2048, 8, 1), (16, 1024, 4,
 DP2A_GATED_TILES = ((8, 1024, 4, 1), (16, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 1))
 # dp2a with programs looping over row blocks, x coded once each, all of K (up to ROW_LOOP_MAX_K) in one tile.
 # LM heads (ROW_LOOP_ROWS rows or more) try DP2A_ROW_LOOPS, (block_n, programs per SM) at 4 warps. Other GEMVs
-# with at least ROW_LOOP_MIN_BLOCKS row blocks a program try two programs an SM, 4 and 8 warps, each with the
-# tallest tile of at most ROW_LOOP_TILE_WORDS words a warp: compiled for sm_90, the 8B gate/up's 8 x 4096 tile
-# at 4 warps and 16 x 4096 at 8 take 167 and 128 registers, no spills (the x code pairs and the next tile live too).
+# try ROW_LOOP_TILES, (int32 words of a tile, programs per SM) at 4 warps, where each program gets at least
+# ROW_LOOP_MIN_BLOCKS row blocks. Compiled for sm_90, the 1B and 8B gate/up at 4096 words take 236 registers a
+# thread (two programs fit an SM) and 1.6 loop instructions a nibble, at 2048 words 120 registers (four fit) and
+# 1.7, against 1.96 for the gate/up tile of a program a block, which codes x per 1024 inputs.
 DP2A_ROW_LOOPS = ((16, 2), (8, 2), (8, 4))
 ROW_LOOP_ROWS = 32768
 ROW_LOOP_MAX_K = 4096
 ROW_LOOP_MIN_BLOCKS = 3
-ROW_LOOP_TILE_WORDS = 1024
-ROW_LOOP_WARPS = (4, 8)
+ROW_LOOP_TILES = ((4096, 2), (2048, 4))
 
 
 def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, GemvConfig]]:
@@ -117,11 +117,11 @@ def row_loops(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
                 for block_n, programs in DP2A_ROW_LOOPS]
     outputs = problem.n // 2 if problem.gated else problem.n
     found = []
-    for warps in ROW_LOOP_WARPS:
-        rows = ROW_LOOP_TILE_WORDS * warps // (block_k // 8)
+    for words, programs in ROW_LOOP_TILES:
+        rows = words // (block_k // 8)
         block_n = rows // 2 if problem.gated else rows
-        if block_n and triton.cdiv(outputs, block_n) >= ROW_LOOP_MIN_BLOCKS * 2 * sm_count(device):
-            found.append(GemvConfig(block_n=block_n, block_k=block_k, num_warps=warps, programs_per_sm=2))
+        if block_n and triton.cdiv(outputs, block_n) >= ROW_LOOP_MIN_BLOCKS * programs * sm_count(device):
+            found.append(GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, programs_per_sm=programs))
     return found
 
 

@@ -154,16 +154,18 @@ def test_norm_and_gated(cfg, dtype):
 
 
 ROW_LOOP_CASES = {
-    # (outputs, K, group, gated, norm): ragged last block, K short of the tile (576 of 1024), a gated tile
-    "plain": (52, 576, 64, False, False),
-    "norm-gated": (44, 192, 64, True, True),
+    # (outputs, K, group, gated, norm, block_n): ragged last block, K short of the tile (576 of 1024), gated tiles
+    # (down to 2 outputs, 4 rows, as ``ffchat tune`` tries for an 8B gate/up)
+    "plain": (52, 576, 64, False, False, 8),
+    "norm-gated": (44, 192, 64, True, True, 8),
+    "norm-gated-4-rows": (21, 192, 64, True, True, 2),
 }
 
 
 @pytest.mark.parametrize("case", ROW_LOOP_CASES)
 def test_programs_looping_over_row_blocks_write_what_a_program_a_block_writes(case):
     """``programs_per_sm``: 3 programs (one SM here) take every third of the row blocks, x coded once each."""
-    n, k, group, gated, norm = ROW_LOOP_CASES[case]
+    n, k, group, gated, norm, block_n = ROW_LOOP_CASES[case]
     qweight, scales, zeros = random_int4(2 * n if gated else n, k, group, seed=61, device=DEVICE)
     x = rand(k, torch.bfloat16, 62, scale=2.0)
     extra = {"bias": rand(2 * n if gated else n, torch.bfloat16, 63), "gated": gated}
@@ -174,10 +176,10 @@ def test_programs_looping_over_row_blocks_write_what_a_program_a_block_writes(ca
         extra["residual"] = rand(n, torch.bfloat16, 65)
     block_k = 1 << (k - 1).bit_length()
     per_block = dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, group,
-                                         config=gemv.GemvConfig(8, block_k, 4), **extra)
+                                         config=gemv.GemvConfig(block_n, block_k, 4), **extra)
     out = torch.full((n,), float("nan"), dtype=torch.bfloat16, device=DEVICE)
     looped = dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, group, out=out,
-                                      config=gemv.GemvConfig(8, block_k, 4, programs_per_sm=3), **extra)
+                                      config=gemv.GemvConfig(block_n, block_k, 4, programs_per_sm=3), **extra)
     assert torch.isfinite(out).all(), "some row blocks were never written"
     assert torch.equal(looped, per_block)
     ref = dp2a_gemv.int4_gemv_dp2a_reference(x, qweight, scales, zeros, group, **extra)
