@@ -221,8 +221,9 @@ def test_dp2a_norm_gated_mlp(i, k):
 ], ids=["llama-1b-head", "qwen-0.5b-head", "llama-8b-head", "llama-1b-gate-up", "llama-8b-gate-up",
         "llama-8b-gate-up-half-tile"])
 def test_dp2a_row_loops_write_what_a_program_a_block_writes(n, k, block_n, warps, per_sm, gated):
-    """LM heads and gate/up with a few programs per SM looping over the row blocks: bit for bit the one-block
-    programs."""
+    """LM heads and gate/up with a few programs per SM looping over the row blocks: every block written, what the
+    one-block programs write up to the order of fp32 sums (compiled, the two paths reduce in different layouts;
+    on the H100 of stop 27 some outputs differed in the last bf16 bit), and the reference's result."""
     from ffchat.kernels import dp2a_gemv, int4_gemv
 
     qweight, scales, zeros = weights(2 * n if gated else n, k, seed=n + k)
@@ -233,6 +234,7 @@ def test_dp2a_row_loops_write_what_a_program_a_block_writes(n, k, block_n, warps
     out = torch.full((n,), float("nan"), device="cuda", dtype=torch.bfloat16)
     dp2a_gemv.int4_gemv_dp2a(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, gated=gated, out=out,
                              config=int4_gemv.GemvConfig(block_n, block_k, warps, programs_per_sm=per_sm))
-    assert torch.equal(out, per_block)
+    assert torch.isfinite(out).all(), "some row blocks were never written"
+    assert rel_err(out, per_block) < 1e-3
     ref = int4_gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, gated=gated)
     assert rel_err(out, ref) < 1.5e-2
