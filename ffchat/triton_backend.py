@@ -8,7 +8,10 @@ cache length from one device tensor, so the step is captured once as a CUDA
 graph and replayed for every token, with nothing from the host but two integers,
 copied from pinned memory without blocking the host. A prompt is prefilled in
 chunks: each INT4 weight is dequantized into one reusable scratch buffer and
-multiplied with torch (cuBLAS), attention by torch SDPA over the cache.
+multiplied with torch (cuBLAS), attention by torch SDPA over the cache. A fresh
+prompt is padded to a power-of-two length and replayed from a CUDA graph
+captured for that length, as its hundreds of launches otherwise keep the GPU
+waiting for the host.
 
 ``int8_activations`` (backend name ``triton-w4a8``) is an opt-in, lossy mode: the
 norm+gate/up and final norm+LM head GEMVs become a small launch that normalizes
@@ -307,7 +310,7 @@ class TritonBackend:
         time for 3.2 ms of GPU time on an H100 (Qwen2.5-0.5B, 512 tokens; BENCHMARKS.md, stop 27). Only a fresh
         prompt qualifies (position 0: plain causal attention over a key range the padding fixes), where the
         cache has room for the padding and no sliding window is shorter than it."""
-        if not self.use_graph or self.position:
+        if not self.use_graph or self.position or "prefill_capture_failed" in self.details:
             return None
         bucket = prompt_bucket(count)
         window = self.config.sliding_window
@@ -328,7 +331,10 @@ class TritonBackend:
         captured = self.prefill_graphs.get(bucket)
         if captured is None:  # this run compiles what it needs and computes the prompt; the graph is for next time
             hidden = self._prompt_hidden(self.prompt_ids[:bucket], 0, self.first_position)
-            self.prefill_graphs[bucket] = self._capture_prefill(bucket)
+            try:
+                self.prefill_graphs[bucket] = self._capture_prefill(bucket)
+            except RuntimeError as error:  # a library kernel this setup cannot capture: later prompts run eagerly
+                self.details["prefill_capture_failed"] = str(error).splitlines()[0] if str(error) else repr(error)
         else:
             graph, hidden = captured
             graph.replay()

@@ -178,6 +178,23 @@ def test_prompts_the_captured_prefill_cannot_take_run_as_they_are(monkeypatch):
     assert not windowed.prefill_graphs
 
 
+def test_a_prefill_that_cannot_be_captured_runs_eagerly_from_then_on(monkeypatch):
+    reference, triton = graphed("qwen2", monkeypatch, seed=1)
+    attempts = []
+
+    def refuse(bucket: int):
+        attempts.append(bucket)
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+    monkeypatch.setattr(triton, "_capture_prefill", refuse)
+    for prompt in ([2, 7, 1, 8], list(range(30, 50))):
+        for backend in (reference, triton):
+            backend.rewind(0)
+        assert_close(triton.prefill(prompt), reference.prefill(prompt))
+    assert attempts == [16] and not triton.prefill_graphs
+    assert triton.details["prefill_capture_failed"] == "operation not permitted when stream is capturing"
+
+
 def test_prompt_buckets_are_powers_of_two_from_16():
     assert [prompt_bucket(n) for n in (1, 16, 17, 100, 512, 513)] == [16, 16, 32, 128, 512, 1024]
 
