@@ -8,10 +8,7 @@ cache length from one device tensor, so the step is captured once as a CUDA
 graph and replayed for every token, with nothing from the host but two integers,
 copied from pinned memory without blocking the host. A prompt is prefilled in
 chunks: each INT4 weight is dequantized into one reusable scratch buffer and
-multiplied with torch (cuBLAS), attention by torch SDPA over the cache. A fresh
-prompt is padded to a power-of-two length and replayed from a CUDA graph
-captured for that length, as its hundreds of launches otherwise keep the GPU
-waiting for the host.
+multiplied with torch (cuBLAS), attention by torch SDPA over the cache.
 
 ``int8_activations`` (backend name ``triton-w4a8``) is an opt-in, lossy mode: the
 norm+gate/up and final norm+LM head GEMVs become a small launch that normalizes
@@ -51,8 +48,6 @@ EARLY_RELEASE_ROLES = frozenset({"o"})
 
 # Tokens per prefill pass: bounds the activations and the attention mask of a long prompt.
 PREFILL_CHUNK = 1024
-# The shortest padded length of a captured prefill (``prompt_bucket``).
-PROMPT_BUCKET_MIN = 16
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -90,12 +85,6 @@ def stack_rows(name: str, *linears: Int4Linear) -> Int4Linear:
                           hint="re-quantize with one --group-size, or use --backend reference")
     return Int4Linear(*(torch.cat(parts) for parts in zip(*((l.qweight, l.scales, l.zeros) for l in linears))),
                       sizes.pop())
-
-
-def prompt_bucket(count: int) -> int:
-    """The length a fresh prompt chunk of ``count`` tokens is padded to for a captured prefill: the next power of
-    two, at least PROMPT_BUCKET_MIN, so a few graphs serve every prompt length."""
-    return max(PROMPT_BUCKET_MIN, 1 << (count - 1).bit_length())
 
 
 def _cat_or_none(tensors: Sequence[Tensor | None]) -> Tensor | None:
@@ -148,12 +137,6 @@ class TritonBackend:
         self.scratch = torch.empty(largest, dtype=dtype, device=self.device)  # prefill's dequantized weight
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures = 0
-        # Captured prefills by padded prompt length: (graph, its hidden states [length, hidden]), reading
-        # ``prompt_ids``; their memory comes from one pool, as only one runs at a time.
-        self.prefill_graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
-        self.prefill_pool = None
-        self.prompt_ids = torch.zeros(min(PREFILL_CHUNK, context_length), dtype=torch.long, device=self.device)
-        self.first_position = torch.zeros(1, dtype=torch.int32, device=self.device)
         # What `ffchat tune` measured for this shape on this GPU: the GEMV tiles and kernels by role, else the
         # profile's W4A16 tables.
         self.cached_tuning = load_tuning(GpuIdentity.of(self.device), config, weights.group_size) \
@@ -204,9 +187,7 @@ class TritonBackend:
         check_prompt_fits(self, len(tokens))
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         for start in range(0, len(tokens), PREFILL_CHUNK):
-            chunk = ids[start:start + PREFILL_CHUNK]
-            bucket = self._prompt_bucket(chunk.shape[0])
-            last = self._prefill_chunk(chunk) if bucket is None else self._prefill_padded(chunk, bucket)
+            last = self._prefill_chunk(ids[start:start + PREFILL_CHUNK])
         self.logits.copy_(self._head(last))
         return self.logits.clone()
 
@@ -299,64 +280,10 @@ class TritonBackend:
 
     def _prefill_chunk(self, ids: Tensor) -> Tensor:
         """Run tokens at positions position.. through the model; return the last one's hidden vector."""
-        start = self.position
-        hidden = self._prompt_hidden(ids, start, torch.tensor([start], dtype=torch.int32, device=self.device))
-        self.position = start + ids.shape[0]
-        return hidden[-1]
-
-    def _prompt_bucket(self, count: int) -> int | None:
-        """The padded length at which a chunk of ``count`` tokens runs as a captured prefill, or None to run it as
-        it is. Eager, a prompt's hundreds of small launches leave the GPU waiting for the host: 26.5 ms of host
-        time for 3.2 ms of GPU time on an H100 (Qwen2.5-0.5B, 512 tokens; BENCHMARKS.md, stop 27). Only a fresh
-        prompt qualifies (position 0: plain causal attention over a key range the padding fixes), where the
-        cache has room for the padding and no sliding window is shorter than it."""
-        if not self.use_graph or self.position or "prefill_capture_failed" in self.details:
-            return None
-        bucket = prompt_bucket(count)
-        window = self.config.sliding_window
-        if bucket > self.prompt_ids.shape[0] or (window is not None and window < bucket):
-            return None
-        return bucket
-
-    def _prefill_padded(self, ids: Tensor, bucket: int) -> Tensor:
-        """A fresh prompt padded to ``bucket`` tokens, through that length's graph (run eagerly, then captured,
-        the first time); the last real token's hidden vector.
-
-        Causal attention keeps the padding out of the real tokens' results; its keys and values land in cache
-        slots past the prompt, which the tokens decoded next overwrite before anything attends to them.
-        """
-        count = ids.shape[0]
-        self.prompt_ids[count:bucket].zero_()
-        self.prompt_ids[:count].copy_(ids)
-        captured = self.prefill_graphs.get(bucket)
-        if captured is None:  # this run compiles what it needs and computes the prompt; the graph is for next time
-            hidden = self._prompt_hidden(self.prompt_ids[:bucket], 0, self.first_position)
-            try:
-                self.prefill_graphs[bucket] = self._capture_prefill(bucket)
-            except RuntimeError as error:  # a library kernel this setup cannot capture: later prompts run eagerly
-                self.details["prefill_capture_failed"] = str(error).splitlines()[0] if str(error) else repr(error)
-        else:
-            graph, hidden = captured
-            graph.replay()
-        self.position = count
-        return hidden[count - 1]
-
-    def _capture_prefill(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        """The prefill of ``prompt_ids[:bucket]`` at position 0, captured (nothing runs)."""
-        torch.cuda.synchronize(self.device)
-        if self.prefill_pool is None:
-            self.prefill_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.prefill_pool):
-            hidden = self._prompt_hidden(self.prompt_ids[:bucket], 0, self.first_position)
-        return graph, hidden
-
-    def _prompt_hidden(self, ids: Tensor, start: int, start_ids: Tensor) -> Tensor:
-        """Hidden states [T, hidden] of tokens ``ids`` at positions start.. (``start_ids`` holds start on the
-        device), their keys and values written to the cache; the position does not move."""
         config, eps = self.config, self.config.rms_norm_eps
-        count = ids.shape[0]
+        count, start = ids.shape[0], self.position
         end = start + count
+        start_ids = torch.tensor([start], dtype=torch.int32, device=self.device)
         window = config.sliding_window
         # A fresh prompt that the sliding window does not cut is plain causal attention, which SDPA runs
         # as one flash-attention kernel (GQA included); anything else needs the explicit mask.
@@ -376,7 +303,8 @@ class TritonBackend:
                 mlp_in = int8_round(mlp_in, layer.gate_up.group_size)
             gate, up = self._matmul(mlp_in, layer.gate_up, layer.gate_up_bias).chunk(2, -1)
             x = x + self._matmul(F.silu(gate) * up, layer.down, layer.down_bias)
-        return x
+        self.position = end
+        return x[-1]
 
     def _prompt_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """q [Hq, T, D] over k, v [Hkv, S, D] -> [Hq, T, D], through SDPA's fused kernels.

@@ -17,7 +17,7 @@ from ffchat.model import Transformer
 from ffchat.quantize.layout import choose_group_size
 from ffchat.reference_backend import ReferenceBackend
 from ffchat.shapes import random_weights
-from ffchat.triton_backend import TritonBackend, prompt_bucket, unsupported_reason
+from ffchat.triton_backend import TritonBackend, unsupported_reason
 
 CONTEXT = 48
 # Relative to the largest logit: fp16 activations and weights rounded once more than the fp32 reference.
@@ -106,7 +106,6 @@ def test_warming_up_changes_no_answer(monkeypatch):
 
     monkeypatch.setattr(warm, "use_graph", True)
     monkeypatch.setattr(warm, "_capture", capture)
-    monkeypatch.setattr(warm, "_prompt_bucket", lambda count: None)  # prompts as cold's: no padding
     warm.warm_up()
     assert warmed_at == [0] and warm.position == 0
     assert torch.equal(warm.prefill([4, 8, 15, 16]), cold.prefill([4, 8, 15, 16]))
@@ -114,89 +113,6 @@ def test_warming_up_changes_no_answer(monkeypatch):
     assert warmed_at == [0, 4] and warm.position == 4
     for token in (23, 42):
         assert torch.equal(warm.decode(token), cold.decode(token))
-
-
-class EagerGraph:
-    """Stands in for a captured prefill on the CPU: replaying reruns it, reading ``prompt_ids`` as the graph does,
-    into the same hidden states."""
-
-    def __init__(self, backend: TritonBackend, bucket: int):
-        self.backend, self.bucket = backend, bucket
-        self.hidden = self._run()
-
-    def _run(self) -> torch.Tensor:
-        return self.backend._prompt_hidden(self.backend.prompt_ids[:self.bucket], 0, self.backend.first_position)
-
-    def replay(self) -> None:
-        self.hidden.copy_(self._run())
-
-
-def graphed(family: str, monkeypatch, seed: int = 0):
-    """(reference, triton) with the Triton backend taking its captured-prefill path, graphs run eagerly."""
-    reference, triton = backends(family, seed)
-    monkeypatch.setattr(triton, "use_graph", True)
-    monkeypatch.setattr(triton, "_capture", lambda: triton._decode_step())  # the decode step as it is
-
-    def capture_prefill(bucket: int):
-        graph = EagerGraph(triton, bucket)
-        return graph, graph.hidden
-
-    monkeypatch.setattr(triton, "_capture_prefill", capture_prefill)
-    return reference, triton
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_fresh_prompts_are_padded_to_a_captured_length_and_answer_as_the_reference(family, monkeypatch):
-    reference, triton = graphed(family, monkeypatch)
-    rng = torch.Generator().manual_seed(4)
-    for length in (20, 27):  # one bucket of 32: captured by the first prompt, replayed for the second
-        prompt = torch.randint(0, VOCAB_SIZE, (length,), generator=rng).tolist()
-        for backend in (reference, triton):
-            backend.rewind(0)
-        assert_close(triton.prefill(prompt), reference.prefill(prompt))
-        assert triton.position == length and list(triton.prefill_graphs) == [32]
-        token = 7
-        for _ in range(3):  # the padding's keys sit in the slots these tokens take: they must not be attended
-            want = reference.decode(token)
-            assert_close(triton.decode(token), want)
-            token = int(want.argmax())
-
-
-def test_prompts_the_captured_prefill_cannot_take_run_as_they_are(monkeypatch):
-    reference, triton = graphed("llama", monkeypatch, seed=2)
-    first, more = [3, 1, 4, 1, 5], [9, 2, 6]
-    assert_close(triton.prefill(first), reference.prefill(first))
-    assert_close(triton.prefill(more), reference.prefill(more))  # after a prompt: attention needs a mask
-    assert list(triton.prefill_graphs) == [16]
-    long_prompt = list(range(40))  # padded to 64, more than the 48-token cache
-    for backend in (reference, triton):
-        backend.rewind(0)
-    assert_close(triton.prefill(long_prompt), reference.prefill(long_prompt))
-    assert list(triton.prefill_graphs) == [16]
-    _, windowed = graphed("mistral", monkeypatch)
-    windowed.prefill(list(range(20)))  # padded to 32, past the 16-token sliding window
-    assert not windowed.prefill_graphs
-
-
-def test_a_prefill_that_cannot_be_captured_runs_eagerly_from_then_on(monkeypatch):
-    reference, triton = graphed("qwen2", monkeypatch, seed=1)
-    attempts = []
-
-    def refuse(bucket: int):
-        attempts.append(bucket)
-        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
-
-    monkeypatch.setattr(triton, "_capture_prefill", refuse)
-    for prompt in ([2, 7, 1, 8], list(range(30, 50))):
-        for backend in (reference, triton):
-            backend.rewind(0)
-        assert_close(triton.prefill(prompt), reference.prefill(prompt))
-    assert attempts == [16] and not triton.prefill_graphs
-    assert triton.details["prefill_capture_failed"] == "operation not permitted when stream is capturing"
-
-
-def test_prompt_buckets_are_powers_of_two_from_16():
-    assert [prompt_bucket(n) for n in (1, 16, 17, 100, 512, 513)] == [16, 16, 32, 128, 512, 1024]
 
 
 def test_the_context_is_enforced():

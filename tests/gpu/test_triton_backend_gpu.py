@@ -94,20 +94,3 @@ def test_warm_up_captures_the_step_before_the_first_answer_and_changes_nothing()
     for token in (5, 17, 4242):
         assert rel_err(warm.decode(token), cold.decode(token)) < 1e-3
     assert warm.captures == 1 and cold.captures == 1
-
-
-@pytest.mark.parametrize("shape", ["llama-3.2-1b", "qwen2.5-0.5b"])
-def test_captured_prefills_answer_as_eager_ones_and_decoding_goes_on(shape):
-    """Fresh prompts run through a graph per padded length: the first of a length eagerly (then captured), the
-    next replayed; logits as a backend without graphs computes them, and the decode steps after them too."""
-    weights = random_weights(shape_config(shape), label=shape, int4=True, seed=0)
-    graphed, eager = TritonBackend(weights, 1024), TritonBackend(weights, 1024, use_graph=False)
-    rng = torch.Generator().manual_seed(3)
-    for length in (300, 400, 100, 1000):  # buckets 512 (captured, then replayed), 128, 1024
-        prompt = torch.randint(0, weights.config.vocab_size, (length,), generator=rng).tolist()
-        for backend in (graphed, eager):
-            backend.rewind(0)
-        assert rel_err(graphed.prefill(prompt), eager.prefill(prompt)) < 1e-2, f"{length} tokens"
-        for token in (5, 17):
-            assert rel_err(graphed.decode(token), eager.decode(token)) < 1e-2, f"after {length} tokens"
-    assert sorted(graphed.prefill_graphs) == [128, 512, 1024] and not eager.prefill_graphs
