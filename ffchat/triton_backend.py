@@ -87,6 +87,14 @@ def stack_rows(name: str, *linears: Int4Linear) -> Int4Linear:
                       sizes.pop())
 
 
+def prompt_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm for the prefill, through torch's own (one fused kernel on CUDA, not ``ffchat.model.rms_norm``'s
+    eight): a prompt's prefill is bound by the host's launches (BENCHMARKS.md, stop 27), and the two norms were
+    half of a layer's torch launches. It scales in fp32 and rounds once, where Hugging Face rounds before the
+    weight: within a rounding of the reference."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
 def _cat_or_none(tensors: Sequence[Tensor | None]) -> Tensor | None:
     return None if tensors[0] is None else torch.cat(list(tensors))
 
@@ -291,14 +299,14 @@ class TritonBackend:
             start, count, window, self.device)
         x = self.embed[ids]
         for index, layer in enumerate(self.layers):
-            qkv = self._matmul(rms_norm(x, layer.attn_norm, eps), layer.qkv, layer.qkv_bias)
+            qkv = self._matmul(prompt_rms_norm(x, layer.attn_norm, eps), layer.qkv, layer.qkv_bias)
             q = rope_kv_append(qkv, start_ids, self.rope_cos, self.rope_sin, self.k_cache[index],
                                self.v_cache[index], num_heads=config.num_heads, num_kv_heads=config.num_kv_heads,
                                head_dim=config.head_dim, q_norm=layer.q_norm, k_norm=layer.k_norm, eps=eps)
             attention = self._prompt_attention(q.transpose(0, 1), self.k_cache[index, :, :end],
                                                self.v_cache[index, :, :end], mask)
             x = x + self._matmul(attention.transpose(0, 1).reshape(count, -1), layer.o, layer.o_bias)
-            mlp_in = rms_norm(x, layer.mlp_norm, eps)
+            mlp_in = prompt_rms_norm(x, layer.mlp_norm, eps)
             if self.int8_activations:  # the prompt sees the rounding its decoded tokens will see
                 mlp_in = int8_round(mlp_in, layer.gate_up.group_size)
             gate, up = self._matmul(mlp_in, layer.gate_up, layer.gate_up_bias).chunk(2, -1)

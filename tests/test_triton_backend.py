@@ -13,11 +13,11 @@ from factory import FAMILIES, MAX_POSITIONS, VOCAB_SIZE
 
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
-from ffchat.model import Transformer
+from ffchat.model import Transformer, rms_norm
 from ffchat.quantize.layout import choose_group_size
 from ffchat.reference_backend import ReferenceBackend
 from ffchat.shapes import random_weights
-from ffchat.triton_backend import TritonBackend, unsupported_reason
+from ffchat.triton_backend import TritonBackend, prompt_rms_norm, unsupported_reason
 
 CONTEXT = 48
 # Relative to the largest logit: fp16 activations and weights rounded once more than the fp32 reference.
@@ -113,6 +113,18 @@ def test_warming_up_changes_no_answer(monkeypatch):
     assert warmed_at == [0, 4] and warm.position == 4
     for token in (23, 42):
         assert torch.equal(warm.decode(token), cold.decode(token))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_prompts_rms_norm_is_the_references_within_a_rounding(dtype):
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(5, 896, generator=gen) * 3).to(dtype)
+    weight = (1 + 0.2 * torch.randn(896, generator=gen)).to(dtype)
+    got, want = prompt_rms_norm(x, weight, 1e-6), rms_norm(x, weight, 1e-6)
+    assert got.dtype == dtype and got.shape == want.shape
+    ulp = torch.finfo(dtype).eps * want.float().abs().clamp(min=torch.finfo(dtype).tiny)
+    assert ((got.float() - want.float()).abs() <= 2 * ulp).all()
+    assert not torch.equal(got, x), "it must normalize"
 
 
 def test_the_context_is_enforced():
