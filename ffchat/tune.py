@@ -68,17 +68,18 @@ W4A16, DP2A = "w4a16", "dp2a"  # the GEMV kernels a role can be tuned to
 DP2A_TILES = ((8, 2048, 4, 1), (16, 2048, 4, 1), (16, 2048, 8, 1), (16, 1024, 4, 1), (16, 1024, 8, 1),
               (32, 1024, 4, 1), (32, 512, 4, 4), (32, 1024, 4, 4))
 DP2A_GATED_TILES = ((8, 1024, 4, 1), (16, 1024, 4, 1), (16, 1024, 8, 1), (32, 512, 8, 1))
-# dp2a with programs looping over row blocks, x coded once each, all of K (up to ROW_LOOP_MAX_K) in one tile.
-# LM heads (ROW_LOOP_ROWS rows or more) try DP2A_ROW_LOOPS, (block_n, programs per SM) at 4 warps. Other GEMVs
-# try ROW_LOOP_TILES, (int32 words of a tile, programs per SM) at 4 warps, where each program gets at least
-# ROW_LOOP_MIN_BLOCKS row blocks. Compiled for sm_90, the 1B and 8B gate/up at 4096 words take 236 registers a
-# thread (two programs fit an SM) and 1.6 loop instructions a nibble, at 2048 words 120 registers (four fit) and
-# 1.7, against 1.96 for the gate/up tile of a program a block, which codes x per 1024 inputs.
+# dp2a with programs looping over row blocks, x coded once each, all of K in one tile.
+# LM heads (ROW_LOOP_ROWS rows or more, K up to ROW_LOOP_HEAD_MAX_K) try DP2A_ROW_LOOPS, (block_n, programs per
+# SM) at 4 warps. Other GEMVs try ROW_LOOP_TILES, (int32 words of a tile, programs per SM, largest K) at 4 warps,
+# where each program gets at least ROW_LOOP_MIN_BLOCKS row blocks. Compiled for sm_90: the 1B and 8B gate/up at
+# 4096 words take 236 registers a thread (two programs fit an SM) and 1.6 loop instructions a nibble, at 2048 words
+# 120 registers (four fit) and 1.7, against 1.96 for the gate/up tile of a program a block, which codes x per 1024
+# inputs; the 8B down (K 14336 in a 16384 tile) at 4096 words 237 registers and 1.9 (2.2 a real nibble).
 DP2A_ROW_LOOPS = ((16, 2), (8, 2), (8, 4))
 ROW_LOOP_ROWS = 32768
-ROW_LOOP_MAX_K = 4096
+ROW_LOOP_HEAD_MAX_K = 4096
 ROW_LOOP_MIN_BLOCKS = 2
-ROW_LOOP_TILES = ((4096, 2), (2048, 4))
+ROW_LOOP_TILES = ((4096, 2, 16384), (2048, 4, 4096))
 
 
 def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, GemvConfig]]:
@@ -107,20 +108,20 @@ def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, Ge
 
 
 def row_loops(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
-    """The dp2a row-loop tiles ``candidates`` tries for ``problem`` (see ``DP2A_ROW_LOOPS``); none where K does
-    not fit one tile or, below LM heads, where the programs would get fewer than ROW_LOOP_MIN_BLOCKS blocks."""
-    if problem.k > ROW_LOOP_MAX_K:
-        return []
+    """The dp2a row-loop tiles ``candidates`` tries for ``problem`` (see ``DP2A_ROW_LOOPS``): none where K is
+    longer than the tiles allow or, below LM heads, where the programs would get fewer than ROW_LOOP_MIN_BLOCKS
+    blocks."""
     block_k = triton.next_power_of_2(problem.k)
     if problem.n >= ROW_LOOP_ROWS:
         return [GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, programs_per_sm=programs)
-                for block_n, programs in DP2A_ROW_LOOPS]
+                for block_n, programs in DP2A_ROW_LOOPS] if problem.k <= ROW_LOOP_HEAD_MAX_K else []
     outputs = problem.n // 2 if problem.gated else problem.n
     found = []
-    for words, programs in ROW_LOOP_TILES:
+    for words, programs, most_k in ROW_LOOP_TILES:
         rows = words // (block_k // 8)
         block_n = rows // 2 if problem.gated else rows
-        if block_n and triton.cdiv(outputs, block_n) >= ROW_LOOP_MIN_BLOCKS * programs * sm_count(device):
+        if problem.k <= most_k and block_n and \
+                triton.cdiv(outputs, block_n) >= ROW_LOOP_MIN_BLOCKS * programs * sm_count(device):
             found.append(GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, programs_per_sm=programs))
     return found
 

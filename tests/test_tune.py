@@ -79,10 +79,13 @@ def test_row_loops_go_to_lm_heads_and_gemvs_of_many_row_blocks_with_all_of_k_in_
                    for kernel, cfg in looped(role))
     for role in ("qkv", "o"):  # too few row blocks
         assert not looped(role)
-    assert not looped("down")  # K = 8192 does not fit one tile
+    assert not looped("down")  # all of K = 8192 in a tile leaves 4 rows: 512 blocks, under two a program
     gate_up_8b = next(p for p in decode_problems(shape_config("llama-3.1-8b"), 128) if p.role == "gate_up")
     assert [(cfg.block_n, cfg.programs_per_sm) for _, cfg in candidates(gate_up_8b, CPU) if cfg.programs_per_sm] \
         == [(4, 2), (2, 4)]
+    down_8b = next(p for p in decode_problems(shape_config("llama-3.1-8b"), 128) if p.role == "down")
+    assert [(cfg.block_n, cfg.block_k, cfg.programs_per_sm) for _, cfg in candidates(down_8b, CPU)
+            if cfg.programs_per_sm] == [(2, 16384, 2)]  # K 14336: only the tile of two programs an SM
 
 
 def result(problem, block_n, kernel=W4A16):

@@ -218,12 +218,14 @@ def test_dp2a_norm_gated_mlp(i, k):
 @pytest.mark.parametrize("n, k, block_n, warps, per_sm, gated", [
     (128256, 2048, 16, 4, 2, False), (151936, 896, 8, 4, 4, False), (128256, 4096, 8, 4, 2, False),
     (8192, 2048, 8, 4, 2, True), (14336, 4096, 4, 4, 2, True), (14336, 4096, 2, 4, 4, True),
+    (4096, 14336, 2, 4, 2, False),
 ], ids=["llama-1b-head", "qwen-0.5b-head", "llama-8b-head", "llama-1b-gate-up", "llama-8b-gate-up",
-        "llama-8b-gate-up-half-tile"])
+        "llama-8b-gate-up-half-tile", "llama-8b-down-shape"])
 def test_dp2a_row_loops_write_what_a_program_a_block_writes(n, k, block_n, warps, per_sm, gated):
-    """LM heads and gate/up with a few programs per SM looping over the row blocks: every block written, what the
-    one-block programs write up to the order of fp32 sums (compiled, the two paths reduce in different layouts;
-    on the H100 of stop 27 some outputs differed in the last bf16 bit), and the reference's result."""
+    """LM heads, gate/up and the 8B down's shape (K short of its tile) with a few programs per SM looping over
+    the row blocks: every block written, what the one-block programs write up to the order of fp32 sums
+    (compiled, the two paths reduce in different layouts; on the H100 of stop 27 some outputs differed in the
+    last bf16 bit), and the reference's result."""
     from ffchat.kernels import dp2a_gemv, int4_gemv
 
     qweight, scales, zeros = weights(2 * n if gated else n, k, seed=n + k)
