@@ -113,8 +113,10 @@ def row_loops(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
     blocks."""
     block_k = triton.next_power_of_2(problem.k)
     if problem.n >= ROW_LOOP_ROWS:
+        if problem.k > ROW_LOOP_HEAD_MAX_K:
+            return []
         return [GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, programs_per_sm=programs)
-                for block_n, programs in DP2A_ROW_LOOPS] if problem.k <= ROW_LOOP_HEAD_MAX_K else []
+                for block_n, programs in DP2A_ROW_LOOPS]
     outputs = problem.n // 2 if problem.gated else problem.n
     found = []
     for words, programs, most_k in ROW_LOOP_TILES:
