@@ -71,14 +71,16 @@ DP2A_GATED_TILES = ((8, 1024, 4, 1), (16, 1024, 4, 1), (16, 1024, 8, 1), (32, 51
 # dp2a with programs looping over row blocks, x coded once each, all of K in one tile.
 # LM heads (ROW_LOOP_ROWS rows or more, K up to ROW_LOOP_HEAD_MAX_K) try DP2A_ROW_LOOPS, (block_n, programs per
 # SM) at 4 warps. Other GEMVs try ROW_LOOP_TILES, (int32 words of a tile, programs per SM, largest K) at 4 warps,
-# where each program gets at least ROW_LOOP_MIN_BLOCKS row blocks. Compiled for sm_90: the 1B and 8B gate/up at
-# 4096 words take 236 registers a thread (two programs fit an SM) and 1.6 loop instructions a nibble, at 2048 words
-# 120 registers (four fit) and 1.7, against 1.96 for the gate/up tile of a program a block, which codes x per 1024
-# inputs; the 8B down (K 14336 in a 16384 tile) at 4096 words 237 registers and 1.9 (2.2 a real nibble).
+# where every SM gets a row block. Under two blocks a program there is little to loop over, but all of K in one tile
+# codes x once: on an H100 the 1B down (K 8192, 4 rows) took 5.48 us against W4A16's 6.57, the 8B o (2 rows of 4096,
+# four an SM) 4.82 against 5.43, the 0.5B down (224 blocks of 4 rows) 3.21 against 3.79 (BENCHMARKS.md, stop 28).
+# Compiled for sm_90: the 1B and 8B gate/up at 4096 words take 236 registers a thread (two programs fit an SM) and
+# 1.6 loop instructions a nibble, at 2048 words 120 registers (four fit) and 1.7, against 1.96 for the gate/up tile
+# of a program a block, which codes x per 1024 inputs; the 8B down (K 14336 in a 16384 tile) at 4096 words 237
+# registers and 1.9 (2.2 a real nibble).
 DP2A_ROW_LOOPS = ((16, 2), (8, 2), (8, 4))
 ROW_LOOP_ROWS = 32768
 ROW_LOOP_HEAD_MAX_K = 4096
-ROW_LOOP_MIN_BLOCKS = 2
 ROW_LOOP_TILES = ((4096, 2, 16384), (2048, 4, 4096))
 
 
@@ -109,8 +111,7 @@ def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, Ge
 
 def row_loops(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
     """The dp2a row-loop tiles ``candidates`` tries for ``problem`` (see ``DP2A_ROW_LOOPS``): none where K is
-    longer than the tiles allow or, below LM heads, where the programs would get fewer than ROW_LOOP_MIN_BLOCKS
-    blocks."""
+    longer than the tiles allow or, below LM heads, where some SM would get no row block."""
     block_k = triton.next_power_of_2(problem.k)
     if problem.n >= ROW_LOOP_ROWS:
         if problem.k > ROW_LOOP_HEAD_MAX_K:
@@ -123,7 +124,7 @@ def row_loops(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
         rows = words // (block_k // 8)
         block_n = rows // 2 if problem.gated else rows
         if problem.k <= most_k and block_n and \
-                triton.cdiv(outputs, block_n) >= ROW_LOOP_MIN_BLOCKS * programs * sm_count(device):
+                triton.cdiv(outputs, block_n) >= sm_count(device):
             found.append(GemvConfig(block_n=block_n, block_k=block_k, num_warps=4, programs_per_sm=programs))
     return found
 

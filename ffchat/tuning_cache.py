@@ -26,8 +26,9 @@ from ffchat.quantize.layout import choose_group_size
 
 # Of the cache file; another value is ignored (re-tune). 3: the megakernel timed at two contexts; 4: each GEMV role's
 # kernel (W4A16, or dp2a with its quantizing launch); 5: dp2a codes x itself (its tiles were timed another way);
-# 6: dp2a row loops (``programs_per_sm``) among the LM head's candidates; 7: and other GEMVs' of many row blocks.
-FORMAT = 7
+# 6: dp2a row loops (``programs_per_sm``) among the LM head's candidates; 7: and other GEMVs' of many row blocks;
+# 8: and of a row block an SM.
+FORMAT = 8
 
 
 @dataclass(frozen=True)

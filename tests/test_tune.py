@@ -63,7 +63,7 @@ def test_candidates_start_with_the_profile_and_fit_the_problem(role):
         assert not (kernel == DP2A and cfg.prefetch), "prefetch is a W4A16 option"
 
 
-def test_row_loops_go_to_lm_heads_and_gemvs_of_many_row_blocks_with_all_of_k_in_one_tile(monkeypatch):
+def test_row_loops_go_to_lm_heads_and_gemvs_of_a_row_block_an_sm_with_all_of_k_in_one_tile(monkeypatch):
     monkeypatch.setattr(tune, "sm_count", lambda device: 132)  # an H100's
     problems = {p.role: p for p in decode_problems(shape_config("llama-3.2-1b"), 128)}
 
@@ -77,9 +77,12 @@ def test_row_loops_go_to_lm_heads_and_gemvs_of_many_row_blocks_with_all_of_k_in_
     for role in ("head", "gate_up"):
         assert all(kernel == DP2A and cfg.block_k >= problems[role].k and cfg.split_k == 1
                    for kernel, cfg in looped(role))
-    for role in ("qkv", "o"):  # too few row blocks
-        assert not looped(role)
-    assert not looped("down")  # all of K = 8192 in a tile leaves 4 rows: 512 blocks, under two a program
+    # o: 2048 rows of 2048 inputs; the 4096-word tile (16 rows) leaves 128 row blocks, fewer than the SMs
+    assert [(cfg.block_n, cfg.programs_per_sm) for _, cfg in looped("o")] == [(8, 4)]
+    # down: all of K = 8192 in a 4096-word tile leaves 4 rows, 512 blocks; K is too long for the 2048-word tile
+    assert [(cfg.block_n, cfg.block_k, cfg.programs_per_sm) for _, cfg in looped("down")] == [(4, 8192, 2)]
+    qwen_o = next(p for p in decode_problems(shape_config("qwen2.5-0.5b"), 128) if p.role == "o")
+    assert not [cfg for _, cfg in candidates(qwen_o, CPU) if cfg.programs_per_sm]  # 896 rows: under 132 blocks
     gate_up_8b = next(p for p in decode_problems(shape_config("llama-3.1-8b"), 128) if p.role == "gate_up")
     assert [(cfg.block_n, cfg.programs_per_sm) for _, cfg in candidates(gate_up_8b, CPU) if cfg.programs_per_sm] \
         == [(4, 2), (2, 4)]
