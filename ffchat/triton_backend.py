@@ -196,7 +196,7 @@ class TritonBackend:
         ids = torch.tensor(list(tokens), dtype=torch.long, device=self.device)
         for start in range(0, len(tokens), PREFILL_CHUNK):
             last = self._prefill_chunk(ids[start:start + PREFILL_CHUNK])
-        self.logits.copy_(self._head(last))
+        self._head(last)
         return self.logits.clone()
 
     def decode(self, token: int | Tensor) -> Tensor:
@@ -254,7 +254,7 @@ class TritonBackend:
             hidden = self._gemv("gate_up", x, layer.gate_up, bias=layer.gate_up_bias, norm_weight=layer.mlp_norm,
                                 gated=True, int8=self.int8_activations)
             x = self._gemv("down", hidden, layer.down, bias=layer.down_bias, residual=x)
-        self.logits.copy_(self._head(x))
+        self._head(x)
 
     def _gemv(self, role: str, x: Tensor, linear: Int4Linear, *, int8: bool = False, **epilogue) -> Tensor:
         """The kernel and tile `ffchat tune` chose for ``role`` (W4A16, or dp2a: x as int16 codes), the profile's
@@ -268,11 +268,14 @@ class TritonBackend:
         return gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size, config=config,
                     norm_eps=self.config.rms_norm_eps, release_early=role in EARLY_RELEASE_ROLES, **epilogue)
 
-    def _head(self, x: Tensor) -> Tensor:
-        """Final norm and LM head of one hidden vector: logits [vocab] in the activation dtype."""
+    def _head(self, x: Tensor) -> None:
+        """Final norm and LM head of one hidden vector into ``self.logits`` (fp32). An INT4 head's GEMV stores
+        its fp32 sums there itself: a copy from the activation dtype was one more launch a step (~3.5 us on an
+        H100, BENCHMARKS.md stop 28)."""
         if isinstance(self.head, Int4Linear):
-            return self._gemv("head", x, self.head, norm_weight=self.final_norm, int8=self.int8_activations)
-        return F.linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.head)
+            self._gemv("head", x, self.head, norm_weight=self.final_norm, int8=self.int8_activations, out=self.logits)
+        else:
+            self.logits.copy_(F.linear(rms_norm(x, self.final_norm, self.config.rms_norm_eps), self.head))
 
     def _capture(self) -> None:
         """Run the step once (compiling every kernel, and computing this token), then capture it."""

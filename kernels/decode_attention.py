@@ -321,10 +321,13 @@ def _reduce_kernel(
     D: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
 ):
-    """Query head program_id(0)'s output from the shares that attended keys."""
+    """Query head program_id(0)'s output from the shares that attended keys.
+
+    The length is read before the wait (no kernel of the step writes it, as the partial kernel's prefetch
+    relies on too): after it, the shares' loads would wait for one more round trip to memory."""
+    lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
     release_dependents(PDL)
     wait_for_inputs(PDL)
-    lo, length, share = _key_range(len_ptr, S, window, HAS_WINDOW, SPLITS, BLOCK_N)
     active = tl.cdiv(length - lo, tl.maximum(share, 1))
     _combine_heads(m_ptr, l_ptr, acc_ptr, tl.program_id(0), 1, active, out_ptr, stride_oh, D, SPLITS, BLOCK_S, 1)
 

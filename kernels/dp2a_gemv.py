@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ffchat.kernels.int4_gemv import (
     GemvConfig, check_gemv_inputs, finish_gemv, fused_norm, gemv_epilogue, gemv_reference_epilogue, launch_gemv,
-    load_tile, pick_config, rms_normalize, rms_rstd, tile_rows,
+    load_bias, load_residual, load_tile, pick_config, rms_normalize, rms_rstd, tile_rows,
 )
 from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.pdl import release_dependents, wait_for_inputs
@@ -83,10 +83,25 @@ def _power_of_two_scale(group_max):
 
 
 @triton.jit
-def _code_pairs(x_ptr, nw_ptr, g0, g_ok, rstd, G: tl.constexpr, GROUPS: tl.constexpr, NORM: tl.constexpr,
+def _norm_weights(nw_ptr, g0, g_ok, G: tl.constexpr, GROUPS: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
+    """The norm weights [groups, G] of groups g0.. (0.0 without NORM): a weight, so requested before the PDL wait
+    (or with the tile before), not after x's statistic as one more round trip to memory."""
+    nw = 0.0
+    if NORM:
+        offs = (g0 + tl.arange(0, GROUPS))[:, None] * G + tl.arange(0, G)[None, :]
+        if EVEN:
+            nw = tl.load(nw_ptr + offs)
+        else:
+            nw = tl.load(nw_ptr + offs, mask=g_ok[:, None], other=0.0)
+    return nw
+
+
+@triton.jit
+def _code_pairs(x_ptr, nw, g0, g_ok, rstd, G: tl.constexpr, GROUPS: tl.constexpr, NORM: tl.constexpr,
                 EVEN: tl.constexpr):
-    """Groups g0.. of x (normalized with NORM) as int16 codes: the four pairs of each word [1, groups, words]
-    (pair i: inputs 8j + 2i, 8j + 2i + 1), and per group the scale 2^e and the codes' sum [groups]."""
+    """Groups g0.. of x (normalized with NORM by ``nw`` from ``_norm_weights``) as int16 codes: the four pairs of
+    each word [1, groups, words] (pair i: inputs 8j + 2i, 8j + 2i + 1), and per group the scale 2^e and the
+    codes' sum [groups]."""
     WORDS: tl.constexpr = G // 8
     offs = (g0 + tl.arange(0, GROUPS))[:, None] * G + tl.arange(0, G)[None, :]
     if EVEN:
@@ -94,10 +109,6 @@ def _code_pairs(x_ptr, nw_ptr, g0, g_ok, rstd, G: tl.constexpr, GROUPS: tl.const
     else:
         x = tl.load(x_ptr + offs, mask=g_ok[:, None], other=0.0)
     if NORM:
-        if EVEN:
-            nw = tl.load(nw_ptr + offs)
-        else:
-            nw = tl.load(nw_ptr + offs, mask=g_ok[:, None], other=0.0)
         x = rms_normalize(x, rstd, nw)
     x = x.to(tl.float32)
     scale, inverse = _power_of_two_scale(tl.max(tl.abs(x), axis=1))
@@ -139,12 +150,12 @@ def dp2a_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS: tl.constexp
 
 
 @triton.jit
-def dp2a_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, nw_ptr, eps,
+def dp2a_accumulate(block, split, w, s, z, nw, x_ptr, w_ptr, s_ptr, z_ptr, N, K, nw_ptr, eps,
                     CHUNKS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     W_ALIGN: tl.constexpr, EVEN: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
                     NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr, USE_ASM: tl.constexpr):
-    """fp32 row sums [TILE_N] of (row block, K slice) over its CHUNKS tiles, the first (w, s, z) already loaded;
-    each iteration codes its slice of x and requests the next tile before computing its own."""
+    """fp32 row sums [TILE_N] of (row block, K slice) over its CHUNKS tiles, the first (w, s, z) and norm weights
+    ``nw`` already loaded; each iteration codes its slice of x and requests the next tile before computing its own."""
     GROUPS: tl.constexpr = BLOCK_K // G
     TILE_N: tl.constexpr = 2 * BLOCK_N if GATED else BLOCK_N
     rows, row_ok, w_offs, sz_offs = _tile_offsets(block, N, K, G, BLOCK_N, BLOCK_K, W_ALIGN, GATED)
@@ -156,12 +167,13 @@ def dp2a_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, nw_
     for c in range(CHUNKS):
         g0 = first + c * GROUPS
         g_ok = (g0 + grp) < groups_per_row
-        x0, x1, x2, x3, xs, x_sum = _code_pairs(x_ptr, nw_ptr, g0, g_ok, rstd, G, GROUPS, NORM, EVEN)
+        x0, x1, x2, x3, xs, x_sum = _code_pairs(x_ptr, nw, g0, g_ok, rstd, G, GROUPS, NORM, EVEN)
         w_now, s_now, z_now = w, s, z
         if c + 1 < CHUNKS:  # the next tile's loads fly while this one is computed
             n_ok = (g0 + GROUPS + grp) < groups_per_row
             w, s, z = load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok[:, None] & n_ok[None, :],
                                 G // 8, EVEN)
+            nw = _norm_weights(nw_ptr, g0 + GROUPS, n_ok, G, GROUPS, NORM, EVEN)
         acc += _group_sums(w_now, s_now, z_now, x0, x1, x2, x3, xs, x_sum, USE_ASM)
     return tl.sum(acc, axis=1)
 
@@ -179,26 +191,29 @@ def _group_sums(w, s, z, x0, x1, x2, x3, xs, x_sum, USE_ASM: tl.constexpr):
 
 
 @triton.jit
-def dp2a_row_loop(block, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, N, K, nw_ptr, eps,
+def dp2a_row_loop(block, w, s, z, nw, bias, res, x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, N, K, eps,
                   BLOCKS, PROGRAMS, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                   W_ALIGN: tl.constexpr, EVEN: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
                   GATED: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr,
                   USE_ASM: tl.constexpr):
-    """Row blocks block, block + PROGRAMS, ... to the output, all of K in one tile whose first (w, s, z) is
-    loaded: x is coded once, and each block's tile is requested before the one before it is computed."""
+    """Row blocks block, block + PROGRAMS, ... to the output, all of K in one tile whose first (w, s, z), the norm
+    weights ``nw``, and the first block's ``bias`` and ``res`` are loaded: x is coded once, and each block's
+    tile is requested before the one before it is computed."""
     GROUPS: tl.constexpr = BLOCK_K // G
     g_ok = tl.arange(0, GROUPS) < K // G
     rstd = rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS) if NORM else 1.0
-    x0, x1, x2, x3, xs, x_sum = _code_pairs(x_ptr, nw_ptr, 0, g_ok, rstd, G, GROUPS, NORM, EVEN)
+    x0, x1, x2, x3, xs, x_sum = _code_pairs(x_ptr, nw, 0, g_ok, rstd, G, GROUPS, NORM, EVEN)
     rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
     while block < BLOCKS:
-        w_now, s_now, z_now, rows_now, ok_now = w, s, z, rows, row_ok
+        w_now, s_now, z_now, rows_now, ok_now, bias_now, res_now = w, s, z, rows, row_ok, bias, res
         if block + PROGRAMS < BLOCKS:
             rows, row_ok, w_offs, sz_offs = _tile_offsets(block + PROGRAMS, N, K, G, BLOCK_N, BLOCK_K, W_ALIGN, GATED)
             w, s, z = load_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, 0, row_ok[:, None] & g_ok[None, :], G // 8,
                                 EVEN)
+            bias = load_bias(bias_ptr, block + PROGRAMS, rows, row_ok, N, HAS_BIAS, GATED, BLOCK_N)
+            res = load_residual(res_ptr, rows, row_ok, HAS_RES)
         y = tl.sum(_group_sums(w_now, s_now, z_now, x0, x1, x2, x3, xs, x_sum, USE_ASM), axis=1)
-        gemv_epilogue(y, block, rows_now, ok_now, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
+        gemv_epilogue(y, block, rows_now, ok_now, N, bias_now, res_now, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
         block += PROGRAMS
 
 
@@ -216,23 +231,28 @@ def _int4_gemv_dp2a_kernel(
     RELEASE_EARLY: let the next kernel become resident before this one's input is ready (``ffchat.kernels.pdl``).
     LOOP_ROWS: PROGRAMS programs each take every PROGRAMS-th of the BLOCKS row blocks (one tile, one K slice).
     """
+    GROUPS: tl.constexpr = BLOCK_K // G
     block, split = tl.program_id(0), tl.program_id(1)
     w, s, z = dp2a_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN,
                               GATED)
+    first = split * CHUNKS * GROUPS
+    nw = _norm_weights(nw_ptr, first, (first + tl.arange(0, GROUPS)) < K // G, G, GROUPS, NORM, EVEN)
+    rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
+    bias = load_bias(bias_ptr, block, rows, row_ok, N, HAS_BIAS, GATED, BLOCK_N)
     if RELEASE_EARLY:
         release_dependents(PDL)
     wait_for_inputs(PDL)
     if not RELEASE_EARLY:
         release_dependents(PDL)
+    res = load_residual(res_ptr, rows, row_ok, HAS_RES)
     if LOOP_ROWS:
-        dp2a_row_loop(block, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, N, K, nw_ptr, eps,
-                      BLOCKS, PROGRAMS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, HAS_BIAS, HAS_RES, GATED, NORM,
+        dp2a_row_loop(block, w, s, z, nw, bias, res, x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, N, K,
+                      eps, BLOCKS, PROGRAMS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, HAS_BIAS, HAS_RES, GATED, NORM,
                       NORM_BLOCK, NORM_CHUNKS, USE_ASM)
     else:
-        y = dp2a_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, nw_ptr, eps, CHUNKS, G,
+        y = dp2a_accumulate(block, split, w, s, z, nw, x_ptr, w_ptr, s_ptr, z_ptr, N, K, nw_ptr, eps, CHUNKS, G,
                             BLOCK_N, BLOCK_K, W_ALIGN, EVEN, GATED, NORM, NORM_BLOCK, NORM_CHUNKS, USE_ASM)
-        rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
-        finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+        finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias, res, out_ptr,
                     SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 

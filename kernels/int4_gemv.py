@@ -147,33 +147,60 @@ def _x_planes(x8, COLS: tl.constexpr):
 
 
 @triton.jit
-def gemv_epilogue(y, block, rows, row_ok, N, bias_ptr, res_ptr, out_ptr,
+def load_bias(bias_ptr, block, rows, row_ok, N, HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The bias ``gemv_epilogue`` adds to row block ``block``, fp32 in y's layout (GATED: (gate, up) pairs).
+
+    A weight: requested before the PDL wait, not after the products as one more round trip to memory.
+    """
+    bias = 0.0
+    if HAS_BIAS:
+        if GATED:
+            outputs = block * BLOCK_N + tl.arange(0, BLOCK_N)
+            ok = outputs < N
+            gate = tl.load(bias_ptr + outputs, mask=ok, other=0.0).to(tl.float32)
+            up = tl.load(bias_ptr + N + outputs, mask=ok, other=0.0).to(tl.float32)
+            bias = tl.reshape(tl.join(gate, up), (2 * BLOCK_N,))
+        else:
+            bias = tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return bias
+
+
+@triton.jit
+def load_residual(res_ptr, rows, row_ok, HAS_RES: tl.constexpr):
+    """The residual rows ``gemv_epilogue`` adds, fp32: requested right after the wait, beside x, so the
+    epilogue does not wait for one more round trip to memory after the products."""
+    res = 0.0
+    if HAS_RES:
+        res = tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    return res
+
+
+@triton.jit
+def gemv_epilogue(y, block, rows, row_ok, N, bias, res, out_ptr,
                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Add bias and residual in fp32, cast to the output dtype, store (row block ``block``).
+    """Add the bias and residual (``load_bias``, ``load_residual``) in fp32, cast to the output dtype, store
+    (row block ``block``).
 
     GATED: y holds BLOCK_N (gate, up) pairs; output silu(gate + b[n]) * (up + b[n + N]) in fp32.
     """
+    if HAS_BIAS:
+        y += bias
     if GATED:
         gate, up = tl.split(tl.reshape(y, (BLOCK_N, 2)))
         rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
-        if HAS_BIAS:
-            gate += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-            up += tl.load(bias_ptr + N + rows, mask=row_ok, other=0.0).to(tl.float32)
         y = gate * tl.sigmoid(gate) * up
-    else:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        if HAS_RES:
-            y += tl.load(res_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    elif HAS_RES:
+        y += res
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_ok)
 
 
 @triton.jit
-def finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
+def finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias, res, out_ptr,
             SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
             GATED: tl.constexpr = False, BLOCK_N: tl.constexpr = 1):
-    """Epilogue directly, or (split-K) publish this slice's partial and let the last slice to arrive sum them.
+    """Epilogue directly, or (split-K) publish this slice's partial and let the last slice to arrive sum them;
+    ``bias`` and ``res`` as ``gemv_epilogue`` takes them.
 
     GATED: y is the program's 2 * BLOCK_N interleaved (gate, up) row sums; the partials of row
     block b sit at [2 * BLOCK_N * b, 2 * BLOCK_N * (b + 1)) of a 2N-wide slice.
@@ -193,10 +220,10 @@ def finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr,
             for k_slice in tl.static_range(SPLITS):  # fixed order: deterministic sums
                 total += tl.load(part_ptr + k_slice * part_width + part_rows, mask=row_ok, other=0.0,
                                  cache_modifier=".cg")
-            gemv_epilogue(total, block, rows, row_ok, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
+            gemv_epilogue(total, block, rows, row_ok, N, bias, res, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
             tl.atomic_xchg(count_ptr + block, 0)  # ready for the next launch (and graph replay)
     else:
-        gemv_epilogue(y, block, rows, row_ok, N, bias_ptr, res_ptr, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
+        gemv_epilogue(y, block, rows, row_ok, N, bias, res, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
 @triton.jit
@@ -392,16 +419,18 @@ def _int4_gemv_kernel(
     block, split = tl.program_id(0), tl.program_id(1)
     w, s, z = gemv_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN,
                               GATED)
+    rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
+    bias = load_bias(bias_ptr, block, rows, row_ok, N, HAS_BIAS, GATED, BLOCK_N)
     if RELEASE_EARLY:
         release_dependents(PDL)
     wait_for_inputs(PDL)
     if not RELEASE_EARLY:
         release_dependents(PDL)
+    res = load_residual(res_ptr, rows, row_ok, HAS_RES)
     y = gemv_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, high_mask, low_mask, one, nw_ptr,
                         eps, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, NORM, NORM_BLOCK, NORM_CHUNKS, GATED, PREFETCH)
-    rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
-    finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
-            SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
+    finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias, res, out_ptr,
+                SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
 @triton.jit
@@ -439,8 +468,10 @@ def _int4_gemv_w4a8_kernel(
     w_offs = rows[:, None, None] * tl.multiple_of(K // 8, W_ALIGN) + (grp * WORDS)[None, :, None] + word[None, None, :]
     xw_offs = 2 * ((grp * WORDS)[:, None] + word[None, :])
     sz_offs = rows[:, None] * groups_per_row + grp[None, :]
+    bias = load_bias(bias_ptr, block, rows, row_ok, N, HAS_BIAS, GATED, BLOCK_N)
     wait_for_inputs(PDL)
     release_dependents(PDL)
+    res = load_residual(res_ptr, rows, row_ok, HAS_RES)
 
     acc = tl.zeros((TILE_N, GROUPS), dtype=tl.float32)
     for c in range(CHUNKS):
@@ -454,8 +485,8 @@ def _int4_gemv_w4a8_kernel(
         xs = tl.load(xs_ptr + g0 + grp, mask=g_ok, other=0.0)
         xq_sum = tl.load(xsum_ptr + g0 + grp, mask=g_ok, other=0.0)
         acc += s * xs[None, :] * (tl.sum(d, axis=2).to(tl.float32) - z * xq_sum[None, :])
-    finish_gemv(tl.sum(acc, axis=1), block, split, rows, row_ok, N, part_ptr, count_ptr, bias_ptr, res_ptr, out_ptr,
-            SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
+    finish_gemv(tl.sum(acc, axis=1), block, split, rows, row_ok, N, part_ptr, count_ptr, bias, res, out_ptr,
+                SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
 
 @triton.jit
@@ -523,8 +554,9 @@ def check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out
             raise ValueError(f"{name} must be [{rows}], got {tuple(t.shape)}")
     if norm_weight is not None and (tuple(norm_weight.shape) != (k,) or not norm_weight.is_floating_point()):
         raise ValueError(f"norm_weight must be a float [{k}] vector, got {tuple(norm_weight.shape)} {norm_weight.dtype}")
-    if out is not None and (tuple(out.shape) != (n_out,) or out.dtype != x.dtype or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous [{n_out}] {x.dtype} tensor")
+    if out is not None and (tuple(out.shape) != (n_out,) or out.dtype not in (x.dtype, torch.float32)
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [{n_out}] {x.dtype} or float32 tensor")
     tensors = [t for t in (x, qweight, scales, zeros, bias, residual, norm_weight, out) if t is not None]
     if any(t.device != x.device for t in tensors):
         raise ValueError("all tensors must be on one device")

@@ -8,8 +8,9 @@ kernel becomes resident once every program of the kernel before it has called
 tile), and blocks in ``wait_for_inputs`` until that kernel has completed with its writes
 visible.
 
-The rule every kernel launched this way keeps: nothing but weights is read, and nothing is
-written, before ``wait_for_inputs``. The waits chain, so a kernel past its wait also knows
+The rule every kernel launched this way keeps: nothing but weights (and the step's token and length,
+which the host copies in before the step's first kernel) is read, and nothing is written, before
+``wait_for_inputs``. The waits chain, so a kernel past its wait also knows
 every earlier kernel is done. Without PDL (other GPUs, the interpreter) both calls compile
 to nothing and the launch is an ordinary one.
 

@@ -87,6 +87,21 @@ def test_bias_and_residual_each_alone():
         assert rel_err(y, ref) < TOL[torch.float16]
 
 
+def test_a_float32_out_gets_the_sums_unrounded():
+    """The LM head writes its fp32 logits itself: the same result as the activation-dtype output, less its rounding."""
+    n, k, group = 24, 192, 32
+    qweight, scales, zeros = make_weights(n, k, group, seed=9)
+    x, residual = rand(k, torch.bfloat16, 10), rand(n, torch.bfloat16, 11)
+    want = dequantize(qweight, scales, zeros, group).float() @ x.float() + residual.float()
+    out = torch.full((n,), float("nan"), dtype=torch.float32, device=DEVICE)
+    for config in (None, gemv.GemvConfig(block_n=8, block_k=64, num_warps=4, split_k=3)):
+        got = gemv.int4_gemv(x, qweight, scales, zeros, group, residual=residual, out=out, config=config)
+        assert got is out and got.dtype == torch.float32
+        assert rel_err(got, want) < 1e-5  # bf16 output rounding alone is ~4e-3
+    with pytest.raises(ValueError, match="float32"):
+        gemv.int4_gemv(x, qweight, scales, zeros, group, out=torch.empty(n, dtype=torch.float16, device=DEVICE))
+
+
 def test_split_k_is_deterministic_and_reusable():
     """The arrival counters must be left at zero: a second launch gives bit-identical output."""
     n, k, group = 24, 576, 64
