@@ -328,13 +328,29 @@ def gemv_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS: tl.constexp
 
 
 @triton.jit
+def gemv_norm_weights(nw_ptr, g0, K, G: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr, EVEN: tl.constexpr):
+    """The norm weights [words, 8] of the tile from group g0 in x's tile layout (0.0 without NORM): weights, so
+    requested before the PDL wait (or with the tile before), not after x's statistic as one more round trip."""
+    nw = 0.0
+    if NORM:
+        col = tl.arange(0, BLOCK_K // 8)
+        offs = col[:, None] * 8 + tl.arange(0, 8)[None, :] + g0 * G
+        if EVEN:
+            nw = tl.load(nw_ptr + offs)
+        else:
+            nw = tl.load(nw_ptr + offs, mask=(g0 * (G // 8) + col < K // 8)[:, None], other=0.0)
+    return nw
+
+
+@triton.jit
 def gemv_accumulate(
-    block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, high_mask, low_mask, one, nw_ptr, eps,
+    block, split, w, s, z, nw, x_ptr, w_ptr, s_ptr, z_ptr, N, K, high_mask, low_mask, one, nw_ptr, eps,
     CHUNKS: tl.constexpr, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_ALIGN: tl.constexpr,
     EVEN: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr,
     GATED: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """fp32 row sums [TILE_N] of (row block, K slice) over its CHUNKS tiles, the first (w, s, z) already loaded.
+    """fp32 row sums [TILE_N] of (row block, K slice) over its CHUNKS tiles, the first (w, s, z) and norm weights
+    ``nw`` (``gemv_norm_weights``) already loaded.
 
     Each iteration requests the next tile before or after computing its own (``PREFETCH``).
     With NORM x is rms_norm(x) * nw, the statistic taken over all of K first.
@@ -356,20 +372,19 @@ def gemv_accumulate(
         g0 = first + c * GROUPS
         if EVEN:
             x8 = tl.load(x_ptr + x_offs + g0 * G)
-            if NORM:
-                nw = tl.load(nw_ptr + x_offs + g0 * G)
         else:
             col_ok = (g0 * WORDS + col) < words_per_row
             x8 = tl.load(x_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
-            if NORM:
-                nw = tl.load(nw_ptr + x_offs + g0 * G, mask=col_ok[:, None], other=0.0)
-        w_now, s_now, z_now = w, s, z
+        w_now, s_now, z_now, nw_now = w, s, z, nw
+        if NORM:
+            if c + 1 < CHUNKS:
+                nw = gemv_norm_weights(nw_ptr, g0 + GROUPS, K, G, BLOCK_K, NORM, EVEN)
         if PREFETCH:  # the next tile's loads fly while this one is computed
             if c + 1 < CHUNKS:
                 w, s, z = _load_weights(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, row_ok, col, grp,
                                         words_per_row, groups_per_row, WORDS, EVEN)
         if NORM:
-            x8 = rms_normalize(x8, rstd, nw)
+            x8 = rms_normalize(x8, rstd, nw_now)
         x8 = x8.to(tl.float32)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x8, COLS)
         # Four moves put two nibbles each into the windows of _nibble_pair: planes 0-3 land high,
@@ -419,6 +434,7 @@ def _int4_gemv_kernel(
     block, split = tl.program_id(0), tl.program_id(1)
     w, s, z = gemv_first_tile(block, split, w_ptr, s_ptr, z_ptr, N, K, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN,
                               GATED)
+    nw = gemv_norm_weights(nw_ptr, split * CHUNKS * (BLOCK_K // G), K, G, BLOCK_K, NORM, EVEN)
     rows, row_ok = tile_rows(block, N, BLOCK_N, GATED)
     bias = load_bias(bias_ptr, block, rows, row_ok, N, HAS_BIAS, GATED, BLOCK_N)
     if RELEASE_EARLY:
@@ -427,7 +443,7 @@ def _int4_gemv_kernel(
     if not RELEASE_EARLY:
         release_dependents(PDL)
     res = load_residual(res_ptr, rows, row_ok, HAS_RES)
-    y = gemv_accumulate(block, split, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, N, K, high_mask, low_mask, one, nw_ptr,
+    y = gemv_accumulate(block, split, w, s, z, nw, x_ptr, w_ptr, s_ptr, z_ptr, N, K, high_mask, low_mask, one, nw_ptr,
                         eps, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, NORM, NORM_BLOCK, NORM_CHUNKS, GATED, PREFETCH)
     finish_gemv(y, block, split, rows, row_ok, N, part_ptr, count_ptr, bias, res, out_ptr,
                 SPLITS, HAS_BIAS, HAS_RES, GATED, BLOCK_N)

@@ -43,7 +43,7 @@ from ffchat.kernels.decode_attention import (
     decode_attention_reference,
 )
 from ffchat.kernels.int4_gemv import (
-    HIGH_NIBBLE, LOW_NIBBLE, ONE_F32, GemvConfig, gemv_accumulate, gemv_epilogue, gemv_first_tile,
+    HIGH_NIBBLE, LOW_NIBBLE, ONE_F32, GemvConfig, gemv_accumulate, gemv_epilogue, gemv_first_tile, gemv_norm_weights,
     int4_gemv_reference, load_bias, load_residual, sm_count, tile_rows,
 )
 from ffchat.kernels.interpreter import interpreted
@@ -237,12 +237,13 @@ def _gemv_op(
     nw_ptr += at * K
     n, k = item * 0 + N, item * 0 + K  # as values, the way the GEMV pieces take them
     w, s, z = gemv_first_tile(item, 0, w_ptr, s_ptr, z_ptr, n, k, CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, GATED)
+    nw = gemv_norm_weights(nw_ptr, 0, k, G, BLOCK_K, NORM, EVEN)
     rows, row_ok = tile_rows(item, n, BLOCK_N, GATED)
     bias = load_bias(bias_ptr, item, rows, row_ok, n, HAS_BIAS, GATED, BLOCK_N)
     wait_count(counters_ptr, wait_index, wait_target, cap, error_ptr)
     stamp(entry_stamps, _READY, clock_ptr, TRACE, INTERPRET)
     res = load_residual(res_ptr, rows, row_ok, HAS_RES)
-    y = gemv_accumulate(item, 0, w, s, z, x_ptr, w_ptr, s_ptr, z_ptr, n, k, high_mask, low_mask, one, nw_ptr, eps,
+    y = gemv_accumulate(item, 0, w, s, z, nw, x_ptr, w_ptr, s_ptr, z_ptr, n, k, high_mask, low_mask, one, nw_ptr, eps,
                         CHUNKS, G, BLOCK_N, BLOCK_K, W_ALIGN, EVEN, NORM, NORM_BLOCK, NORM_CHUNKS, GATED, PREFETCH)
     gemv_epilogue(y, item, rows, row_ok, n, bias, res, out_ptr, HAS_BIAS, HAS_RES, GATED, BLOCK_N)
 
