@@ -24,7 +24,8 @@ Where a GEMV has thousands of row blocks (an LM head), coding x again in every p
 the launch it saves (BENCHMARKS.md, stop 25: the 1B head 57.1 us, against 46.8 with x coded once
 beforehand). ``GemvConfig.programs_per_sm`` launches a few programs per SM instead, each coding x once
 (all of K in one tile) and looping over every PROGRAMS-th row block, requesting the next block's tile
-before computing the current one; ``ffchat tune`` tries it on LM heads and on other GEMVs of many row blocks.
+before computing the current one; ``ffchat tune`` tries it on LM heads and on other GEMVs that give every SM
+a row block (there, even under two blocks a program, coding x once for all of K can win: the 1B down).
 
 Per row and group the kernel forms ``s * 2^e * (sum(q * c) - z * sum(c))``, the integer sums
 exact in int32. The weight layout is version 1 (``ffchat.quantize.layout``): the low nibbles of

@@ -73,7 +73,8 @@ class GemvConfig:
     more programs share an SM, which hides more memory latency where the cap costs no spills.
     ``programs_per_sm`` (dp2a only; 0: a program per row block and K slice): that many programs per SM,
     each looping over row blocks with x coded once, the whole of K in one tile. For GEMVs of thousands
-    of row blocks (LM heads, an 8B gate/up), where coding x again in every program costs more than the loop.
+    of row blocks (LM heads, an 8B gate/up), where coding x again in every program costs more than the loop,
+    and for long rows (the 1B down), where one tile of all of K codes x once instead of per chunk.
     """
 
     block_n: int
