@@ -7,11 +7,11 @@ head), on fresh random INT4 weights rotated through more memory than L2 holds, a
 checking each candidate against ``int4_gemv_reference``; the fastest correct one wins.
 The profile's own choice is always a candidate. Candidates are of two kernels: the W4A16 GEMV,
 and the dp2a GEMV (``ffchat.kernels.dp2a_gemv``: x as int16 codes, the same result to ~1e-5).
-A role keeps a dp2a winner only if the whole decode step is faster with it too (``confirm_dp2a``).
-Timed alone, a GEMV only approximates its
-cost inside the captured step (PDL overlaps neighbours): on an H200 the 1B winners, each
-0-2% faster alone, made the step 4% faster; another set, with one GEMV 7% faster alone,
-changed it by nothing (BENCHMARKS.md, 2026-12-02).
+Timed alone, a GEMV only approximates its cost inside the captured step (PDL overlaps
+neighbours): on an H200 the 1B winners, each 0-2% faster alone, made the step 4% faster;
+another set, with one GEMV 7% faster alone, changed it by nothing (BENCHMARKS.md, 2026-12-02).
+So the whole decode step settles each role among its contenders (``settle_on_step``): the
+winner alone, the fastest tile of the other kernel, and the tiles within ``NEAR_TIE`` of it.
 Then the whole-model kernel (``ffchat.megakernel_backend``): its default configuration, that
 with half the attention shares, and every combination of tiles (the profile's, the tuned
 ones), grid and warps, and keys per attention block (``megakernel_candidates``), each checked
@@ -55,6 +55,12 @@ ROTATED_BYTES = 4  # rotate weights through this many times the L2 size, so L2 c
 # config fast only at short contexts cannot win (attention blocks of 32 keys: -1% at 512, +6% at 4096 on an H200).
 TUNE_CONTEXTS = (512, 4096)
 STEP_REPEATS = 50  # timed decode steps per backend (after 5 warm-up steps)
+# A role's contenders in the step (``settle_on_step``): its winner alone, the fastest tile of the other kernel, and
+# other tiles within NEAR_TIE of the winner's time alone, CONTENDERS in all at most. Near ties alone made tune's
+# choices differ between runs, and with them the step: the 1B at 512 cached tokens took 0.425 ms with one tuning
+# and 0.444-0.450 ms with another, of the same kernels (BENCHMARKS.md, stop 28).
+NEAR_TIE = 0.08
+CONTENDERS = 3
 # The megakernel's searched grids, (programs per SM, warps per program), and keys per attention block: on an H200
 # 2 x 4 warps beat 1 x 8 warps (929 us) and 3 x 4 under a register cap (659 us) by 35% and 15% (BENCHMARKS.md).
 MEGAKERNEL_GRIDS = ((2, 4), (3, 4), (1, 8))
@@ -183,6 +189,15 @@ def graph_time(fn: Callable[[int], object], copies: int, repeats: int = 20) -> f
     return sorted(times)[len(times) // 2]
 
 
+@dataclass(frozen=True)
+class Contender:
+    """A candidate that passed the reference check, and its time alone."""
+
+    kernel: str  # W4A16 or DP2A
+    config: GemvConfig
+    us: float
+
+
 @dataclass
 class ProblemResult:
     problem: GemvProblem
@@ -191,12 +206,25 @@ class ProblemResult:
     profile_us: float
     rejected: int  # candidates that failed the reference check or did not compile
     kernel: str = W4A16  # W4A16 or DP2A
-    w4a16_config: GemvConfig | None = None  # with a DP2A winner: the fastest W4A16 tile, and its time
-    w4a16_us: float = math.nan
+    runners_up: tuple[Contender, ...] = ()  # the step's other contenders for this role (``contenders``)
 
-    def on_w4a16(self) -> ProblemResult:
-        """This result with its fastest W4A16 tile as the winner."""
-        return dataclasses.replace(self, kernel=W4A16, config=self.w4a16_config, us=self.w4a16_us)
+    def choosing(self, contender: Contender) -> ProblemResult:
+        """This result with ``contender`` as its choice (the others stay contenders)."""
+        others = tuple(c for c in (Contender(self.kernel, self.config, self.us), *self.runners_up) if c != contender)
+        return dataclasses.replace(self, kernel=contender.kernel, config=contender.config, us=contender.us,
+                                   runners_up=others)
+
+
+def contenders(timed: list[Contender]) -> list[Contender]:
+    """Of the candidates timed alone, those the step settles between, fastest first: the fastest of each kernel
+    and the others within ``NEAR_TIE`` of the fastest, ``CONTENDERS`` at most."""
+    ranked = sorted(timed, key=lambda c: c.us)
+    chosen = [ranked[0]]
+    other_kernel = next((c for c in ranked if c.kernel != ranked[0].kernel), None)
+    if other_kernel is not None:
+        chosen.append(other_kernel)
+    chosen += [c for c in ranked if c.us <= ranked[0].us * (1 + NEAR_TIE) and c not in chosen]
+    return sorted(chosen[:CONTENDERS], key=lambda c: c.us)
 
 
 def run_gemv(kernel: str, x: torch.Tensor, weights: tuple, group_size: int, config: GemvConfig, **epilogue):
@@ -236,12 +264,9 @@ def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Calla
     if not timed:
         raise FfchatError(f"no candidate tile for the {problem.role} GEMV ({problem.n}x{problem.k}) passed the "
                           f"reference check on this GPU", hint="report this with `ffchat --debug tune ...`")
-    seconds, _, kernel, best = min(timed, key=lambda item: item[0])
     profile_us = next((t for t, index, _, _ in timed if index == 0), math.nan) * 1e6
-    w4a16_seconds, _, _, w4a16_best = min((item for item in timed if item[2] == W4A16), key=lambda item: item[0],
-                                          default=(math.nan, 0, W4A16, None))
-    return ProblemResult(problem, best, seconds * 1e6, profile_us, rejected, kernel,
-                         w4a16_best if kernel == DP2A else None, w4a16_seconds * 1e6 if kernel == DP2A else math.nan)
+    best, *others = contenders([Contender(kernel, cfg, seconds * 1e6) for seconds, _, kernel, cfg in timed])
+    return ProblemResult(problem, best.config, best.us, profile_us, rejected, best.kernel, tuple(others))
 
 
 def step_us(backend, tokens: list[int]) -> float:
@@ -298,27 +323,37 @@ def step_tokens(config: ModelConfig) -> list[int]:
                          generator=torch.Generator().manual_seed(0)).tolist()
 
 
-def confirm_dp2a(weights, results: list[ProblemResult], on_candidate: Callable[[], None] = lambda: None
-                 ) -> list[ProblemResult]:
-    """``results`` if the Triton backend's decode step (reading the tuning just saved) is faster with its dp2a
-    winners than with those roles on their fastest W4A16 tiles; else those roles moved back to W4A16.
+def settle_on_step(weights, results: list[ProblemResult], on_contender: Callable[[], None] = lambda: None
+                   ) -> list[ProblemResult]:
+    """``results`` with each role's choice settled by the Triton backend's whole decode step: role by role, the
+    slowest alone first, each runner-up replaces the choice if the step is faster with it.
 
     Timed alone, a GEMV can win and still not shorten the step: when x was coded by a launch of its own, the
-    8B LM head on an H100 took 95 us against 110 alone, and the step was the same to 0.4%.
+    8B LM head's dp2a tile on an H100 took 95 us against 110 alone, and the step was the same to 0.4%.
+    ``on_contender`` is called once per runner-up timed.
     """
     from ffchat.triton_backend import TritonBackend
 
-    on_candidate()
-    chosen = {r.problem.role: r for r in results if r.kernel == DP2A and r.w4a16_config is not None}
-    if not chosen:  # no dp2a winner, or none with a W4A16 tile that passed its check to compare with
+    if not any(r.runners_up for r in results):
         return results
     tokens = step_tokens(weights.config)
     backend = TritonBackend(weights, max(TUNE_CONTEXTS) + 1)
-    with_dp2a = step_us(backend, tokens)
-    backend.use_kernels({**backend.tuning, **{role: r.w4a16_config for role, r in chosen.items()}}, set())
-    if with_dp2a < step_us(backend, tokens):
-        return results
-    return [r.on_w4a16() if r.problem.role in chosen else r for r in results]
+
+    def step_with(chosen: list[ProblemResult]) -> float:
+        backend.use_kernels({r.problem.role: r.config for r in chosen},
+                            {r.problem.role for r in chosen if r.kernel == DP2A})
+        return step_us(backend, tokens)
+
+    settled = list(results)
+    fastest = step_with(settled)
+    for index in sorted(range(len(settled)), key=lambda i: -settled[i].us):
+        for runner_up in settled[index].runners_up:
+            trial = [*settled[:index], settled[index].choosing(runner_up), *settled[index + 1:]]
+            us = step_with(trial)
+            if us < fastest:
+                fastest, settled = us, trial
+            on_contender()
+    return settled
 
 
 def tune_megakernel(weights, device: torch.device, tuned: dict[str, GemvConfig],
@@ -379,12 +414,12 @@ def tune(config: ModelConfig, group_size: int, device: torch.device,
     identity = GpuIdentity.of(device)
     path = tuning_path(identity, config, group_size)
     save_tuning(path, identity, results, time.perf_counter() - started)  # the backends timed next read it
-    weights = None
-    if megakernel or any(r.kernel == DP2A for r in results):
-        weights = random_weights(config, label="tune", int4=True, group_size=group_size, device=device)
-    confirmed = confirm_dp2a(weights, results, on_candidate)
-    if confirmed is not results:
-        results = confirmed
+    weights = random_weights(config, label="tune", int4=True, group_size=group_size, device=device)
+    settled = settle_on_step(weights, results, on_candidate)
+    for _ in range(sum(len(r.runners_up) for r in results), steps_to_settle(config, group_size)):
+        on_candidate()  # roles with fewer contenders: the progress bar still ends full
+    if settled is not results:
+        results = settled
         save_tuning(path, identity, results, time.perf_counter() - started)
     mega = None
     if megakernel:
@@ -397,7 +432,12 @@ def tune(config: ModelConfig, group_size: int, device: torch.device,
 def progress_steps(config: ModelConfig, group_size: int, device: torch.device, megakernel: bool) -> int:
     """How many times ``tune`` calls its ``on_candidate``: a progress bar's total."""
     gemv = sum(len(candidates(p, device)) for p in decode_problems(config, group_size))
-    return gemv + 1 + (MEGAKERNEL_STEPS if megakernel else 0)  # 1: confirm_dp2a
+    return gemv + steps_to_settle(config, group_size) + (MEGAKERNEL_STEPS if megakernel else 0)
+
+
+def steps_to_settle(config: ModelConfig, group_size: int) -> int:
+    """Progress steps of ``settle_on_step`` at most: a runner-up of every role."""
+    return (CONTENDERS - 1) * len(decode_problems(config, group_size))
 
 
 def shape_to_tune(model: str | None, shape: str | None) -> tuple[str, ModelConfig, int]:

@@ -27,8 +27,8 @@ from ffchat.quantize.layout import choose_group_size
 # Of the cache file; another value is ignored (re-tune). 3: the megakernel timed at two contexts; 4: each GEMV role's
 # kernel (W4A16, or dp2a with its quantizing launch); 5: dp2a codes x itself (its tiles were timed another way);
 # 6: dp2a row loops (``programs_per_sm``) among the LM head's candidates; 7: and other GEMVs' of many row blocks;
-# 8: and of a row block an SM.
-FORMAT = 8
+# 8: and of a row block an SM; 9: each role's choice settled by the whole step among its near ties.
+FORMAT = 9
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from ffchat.profiles import GpuIdentity
 from ffchat.shapes import shape_config
 from ffchat.megakernel_backend import default_config
 from ffchat.tune import (
-    DP2A, DP2A_ROW_LOOPS, MEGAKERNEL_CANDIDATES, W4A16, ProblemResult, candidates, megakernel_candidates,
+    DP2A, DP2A_ROW_LOOPS, MEGAKERNEL_CANDIDATES, W4A16, Contender, ProblemResult, candidates, contenders,
+    megakernel_candidates,
 )
 from ffchat.tuning_cache import (
     GemvProblem, MegakernelTuning, decode_problems, describe_megakernel, load_tuning, save_tuning, tuning_path,
@@ -187,35 +188,65 @@ def test_tune_names_the_model_problem_before_the_gpu(tmp_path, tiny_model_dir):
     assert_only_error_line(ffchat("tune", "tiny", "--shape", "tiny", **home), "not both")
 
 
-@pytest.mark.parametrize("dp2a_faster", [True, False])
-def test_a_dp2a_winner_stays_only_if_the_whole_step_is_faster(monkeypatch, dp2a_faster):
-    """Timed alone the head won with dp2a; the step timed with and without it decides (a fake backend and clock)."""
-    from ffchat import triton_backend, tune
+def tile(block_n):
+    return GemvConfig(block_n=block_n, block_k=1024, num_warps=4)
 
-    problems = decode_problems(LLAMA_1B, 128)
-    w4a16_head = GemvConfig(block_n=32, block_k=1024, num_warps=4)
-    results = [result(p, 8) for p in problems[:-1]]
-    results.append(dataclasses.replace(result(problems[-1], 4, DP2A), w4a16_config=w4a16_head, w4a16_us=3.0))
 
-    class FakeBackend:
-        def __init__(self, weights, context):
-            self.tuning = {r.problem.role: r.config for r in results}
-            self.dp2a_roles = {"head"}
+def test_contenders_are_the_fastest_of_each_kernel_and_the_near_ties():
+    timed = [Contender(W4A16, tile(8), 10.0), Contender(W4A16, tile(16), 10.5), Contender(W4A16, tile(32), 12.0),
+             Contender(DP2A, tile(8), 14.0), Contender(DP2A, tile(16), 9.9)]
+    assert contenders(timed) == [Contender(DP2A, tile(16), 9.9), Contender(W4A16, tile(8), 10.0),
+                                 Contender(W4A16, tile(16), 10.5)]
+    # the other kernel's fastest is always one, however slow; a third within NEAR_TIE only
+    assert contenders(timed[2:4]) == [Contender(W4A16, tile(32), 12.0), Contender(DP2A, tile(8), 14.0)]
+    assert contenders(timed[:3]) == [Contender(W4A16, tile(8), 10.0), Contender(W4A16, tile(16), 10.5)]
+    assert contenders(timed[2:3]) == [Contender(W4A16, tile(32), 12.0)]
 
-        def use_kernels(self, tuning, dp2a_roles):
-            self.tuning, self.dp2a_roles = tuning, dp2a_roles
 
-    def fake_step_us(backend, tokens):
-        assert backend.dp2a_roles or backend.tuning["head"] == w4a16_head, "the comparison runs the W4A16 tile"
-        return 100.0 if bool(backend.dp2a_roles) == dp2a_faster else 110.0
+class FakeBackend:
+    """Times a step as the sum of fixed per-(role, kernel, block_n) costs: the step, not the GEMV alone, decides."""
 
+    costs: dict = {}
+    steps = 0
+
+    def __init__(self, weights, context):
+        self.tuning, self.dp2a_roles = None, set()
+
+    def use_kernels(self, tuning, dp2a_roles):
+        self.tuning, self.dp2a_roles = tuning, dp2a_roles
+
+
+def fake_step_us(backend, tokens):
+    FakeBackend.steps += 1
+    return sum(FakeBackend.costs.get((role, DP2A if role in backend.dp2a_roles else W4A16, cfg.block_n), 10.0)
+               for role, cfg in backend.tuning.items())
+
+
+def test_the_step_settles_each_role_among_its_contenders(monkeypatch):
+    """Timed alone gate/up won with dp2a and the head with W4A16 16-row tiles; in the step W4A16 is faster for gate/up
+    and the head's 8-row runner-up is, so those replace them; down's runner-up is slower in the step and loses."""
+    from ffchat import triton_backend
+
+    problems = {p.role: p for p in decode_problems(LLAMA_1B, 128)}
+    results = [result(problems["qkv"], 8),
+               dataclasses.replace(result(problems["gate_up"], 8, DP2A), us=7.0,
+                                   runners_up=(Contender(W4A16, tile(16), 7.2),)),
+               dataclasses.replace(result(problems["down"], 4), us=5.0, runners_up=(Contender(DP2A, tile(4), 5.1),)),
+               dataclasses.replace(result(problems["head"], 16), us=40.0,
+                                   runners_up=(Contender(W4A16, tile(32), 40.5), Contender(W4A16, tile(8), 41.0)))]
+    FakeBackend.costs = {("gate_up", DP2A, 8): 7.5, ("gate_up", W4A16, 16): 7.0, ("down", W4A16, 4): 5.0,
+                         ("down", DP2A, 4): 5.5, ("head", W4A16, 16): 42.0, ("head", W4A16, 32): 41.5,
+                         ("head", W4A16, 8): 40.0}
+    FakeBackend.steps = 0
     monkeypatch.setattr(triton_backend, "TritonBackend", FakeBackend)
     monkeypatch.setattr(tune, "step_us", fake_step_us)
     weights = type("Weights", (), {"config": LLAMA_1B})()
-    kept = tune.confirm_dp2a(weights, results)
-    if dp2a_faster:
-        assert kept is results
-    else:
-        assert [r.kernel for r in kept] == [W4A16] * len(problems)
-        assert kept[-1].config == w4a16_head and kept[-1].us == 3.0 and kept[:-1] == results[:-1]
-    assert tune.confirm_dp2a(None, results[:-1]) == results[:-1], "nothing to confirm: no step is timed"
+    calls = []
+    settled = {r.problem.role: r for r in tune.settle_on_step(weights, results, lambda: calls.append(1))}
+    assert (settled["gate_up"].kernel, settled["gate_up"].config, settled["gate_up"].us) == (W4A16, tile(16), 7.2)
+    assert settled["gate_up"].runners_up == (Contender(DP2A, tile(8), 7.0),), "the loser stays a contender"
+    assert (settled["head"].config, settled["head"].us) == (tile(8), 41.0)
+    assert settled["down"] == results[2] and settled["qkv"] == results[0]
+    assert len(calls) == 4 and FakeBackend.steps == 5, "the first choice, then each runner-up once"
+    plain = [result(p, 8) for p in problems.values()]
+    assert tune.settle_on_step(None, plain) is plain, "nothing to settle: no step is timed"

@@ -29,7 +29,9 @@ def test_tuned_tiles_are_cached_and_used(tmp_path, monkeypatch):
     path, results, mega, seconds = tune(config, 128, torch.device("cuda"))
     assert path.parent == tmp_path / "ffchat-tuning" and path.is_file()
     assert [r.problem for r in results] == decode_problems(config, 128)
-    assert all(0 < r.us <= r.profile_us for r in results)  # the profile's tile is a candidate
+    # the profile's tile is a candidate, so the fastest contender alone is at least as fast; the step may choose
+    # another contender
+    assert all(0 < min(r.us, *(c.us for c in r.runners_up)) <= r.profile_us for r in results)
     assert mega.rejected == 0 and 0 < mega.us < math.inf and mega.triton_us > 0 and mega.contexts == list(TUNE_CONTEXTS)
     assert load_tuning(GpuIdentity.of(torch.device("cuda")), config, 128).megakernel == mega
     weights = random_weights(config, label="tiny", int4=True)
