@@ -507,15 +507,18 @@ def run_tune(model: str | None, shape: str | None, out, err) -> None:
     device = torch.device("cuda")
     path, results, mega, seconds = tune_with_progress(label, config, group_size, device, err)
     table = Table(title=f"{label} on {GpuIdentity.of(device).name}: decode GEMV tiles")
-    for column in ("GEMV", "N x K", "kernel", "tile (outputs x inputs, warps)", "us", "profile's us", "rejected"):
+    for column in ("GEMV", "N x K", "kernel", "tile (outputs x inputs, warps)", "us", "profile's us",
+                   "fastest alone", "rejected"):
         table.add_column(column)
     for r in results:
         c = r.config
         tile = f"{c.block_n} x {c.block_k}, {c.num_warps}" + (f", {c.max_registers} regs" if c.max_registers else "") \
             + (", prefetch" if c.prefetch else "") + (f", {c.split_k} K slices" if c.split_k > 1 else "") \
             + (f", {c.programs_per_sm} looping programs/SM" if c.programs_per_sm else "")
+        fastest = min([r.us, *(c.us for c in r.runners_up)])
         table.add_row(r.problem.role, f"{r.problem.n} x {r.problem.k}", r.kernel, tile, f"{r.us:.2f}",
-                      f"{r.profile_us:.2f}", str(r.rejected))
+                      f"{r.profile_us:.2f}", "yes" if r.us == fastest else f"no: {fastest:.2f} (the step chose)",
+                      str(r.rejected))
     out.print(table)
     out.print(f"whole-model kernel: {describe_megakernel(mega)}")
     out.print(f"tuned in {seconds:.1f} s; saved {path}")

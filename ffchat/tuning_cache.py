@@ -116,7 +116,8 @@ def save_tuning(path: Path, identity: GpuIdentity, results: list, seconds: float
         "gpu": dataclasses.asdict(identity),
         "seconds": round(seconds, 1),
         "gemv": {r.problem.role: {"problem": dataclasses.asdict(r.problem), "config": dataclasses.asdict(r.config),
-                                  "kernel": r.kernel, "us": r.us, "profile_us": r.profile_us, "rejected": r.rejected}
+                                  "kernel": r.kernel, "us": r.us, "profile_us": r.profile_us, "rejected": r.rejected,
+                                  "runners_up": [dataclasses.asdict(c) for c in r.runners_up]}
                  for r in results},
         "megakernel": None if megakernel is None else dataclasses.asdict(megakernel),
     }

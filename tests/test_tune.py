@@ -103,8 +103,12 @@ MEGAKERNEL = MegakernelTuning({"programs": 264, "num_warps": 4, "tiles": {}}, 48
 def test_a_saved_tuning_is_found_again_and_only_for_its_gpu_and_shape():
     problems = decode_problems(LLAMA_1B, 128)
     path = tuning_path(GPU, LLAMA_1B, 128)
-    save_tuning(path, GPU, [result(p, 8, DP2A if p.role == "head" else W4A16) for p in problems], 12.5, MEGAKERNEL)
+    results = [result(p, 8, DP2A if p.role == "head" else W4A16) for p in problems]
+    results[0] = dataclasses.replace(results[0], runners_up=(Contender(DP2A, GemvConfig(16, 2048, 8), 1.9),))
+    save_tuning(path, GPU, results, 12.5, MEGAKERNEL)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
+    assert json.loads(path.read_text())["gemv"]["qkv"]["runners_up"] == [
+        {"kernel": DP2A, "config": dataclasses.asdict(GemvConfig(16, 2048, 8)), "us": 1.9}], "what the step weighed"
     loaded = load_tuning(GPU, LLAMA_1B, 128)
     assert set(loaded.gemv) == {p.role for p in problems}
     assert GemvConfig(**loaded.gemv["down"]) == GemvConfig(block_n=8, block_k=1024, num_warps=4)
