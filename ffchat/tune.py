@@ -495,18 +495,12 @@ def tune_if_untuned(name: str, config: ModelConfig, group_size: int, device: tor
     return True
 
 
-def run_tune(model: str | None, shape: str | None, out, err) -> None:
-    """`ffchat tune`: a progress bar per candidate, then a table of what was chosen against the profile."""
+def results_table(title: str, results: list[ProblemResult]):
+    """`ffchat tune`'s table: per role the choice, its time alone against the profile's tile, and whether it is
+    also the fastest alone (else the step chose it)."""
     from rich.table import Table
 
-    from ffchat.tuning_cache import describe_megakernel
-
-    label, config, group_size = shape_to_tune(model, shape)  # a wrong model name first, GPU or not
-    if not torch.cuda.is_available():
-        raise FfchatError("ffchat tune needs a CUDA GPU and none was found")
-    device = torch.device("cuda")
-    path, results, mega, seconds = tune_with_progress(label, config, group_size, device, err)
-    table = Table(title=f"{label} on {GpuIdentity.of(device).name}: decode GEMV tiles")
+    table = Table(title=title)
     for column in ("GEMV", "N x K", "kernel", "tile (outputs x inputs, warps)", "us", "profile's us",
                    "fastest alone", "rejected"):
         table.add_column(column)
@@ -515,10 +509,22 @@ def run_tune(model: str | None, shape: str | None, out, err) -> None:
         tile = f"{c.block_n} x {c.block_k}, {c.num_warps}" + (f", {c.max_registers} regs" if c.max_registers else "") \
             + (", prefetch" if c.prefetch else "") + (f", {c.split_k} K slices" if c.split_k > 1 else "") \
             + (f", {c.programs_per_sm} looping programs/SM" if c.programs_per_sm else "")
-        fastest = min([r.us, *(c.us for c in r.runners_up)])
+        fastest = min([r.us, *(runner_up.us for runner_up in r.runners_up)])
         table.add_row(r.problem.role, f"{r.problem.n} x {r.problem.k}", r.kernel, tile, f"{r.us:.2f}",
                       f"{r.profile_us:.2f}", "yes" if r.us == fastest else f"no: {fastest:.2f} (the step chose)",
                       str(r.rejected))
-    out.print(table)
+    return table
+
+
+def run_tune(model: str | None, shape: str | None, out, err) -> None:
+    """`ffchat tune`: a progress bar per candidate, then a table of what was chosen against the profile."""
+    from ffchat.tuning_cache import describe_megakernel
+
+    label, config, group_size = shape_to_tune(model, shape)  # a wrong model name first, GPU or not
+    if not torch.cuda.is_available():
+        raise FfchatError("ffchat tune needs a CUDA GPU and none was found")
+    device = torch.device("cuda")
+    path, results, mega, seconds = tune_with_progress(label, config, group_size, device, err)
+    out.print(results_table(f"{label} on {GpuIdentity.of(device).name}: decode GEMV tiles", results))
     out.print(f"whole-model kernel: {describe_megakernel(mega)}")
     out.print(f"tuned in {seconds:.1f} s; saved {path}")

@@ -207,6 +207,19 @@ def test_contenders_are_the_fastest_of_each_kernel_and_the_near_ties():
     assert contenders(timed[2:3]) == [Contender(W4A16, tile(32), 12.0)]
 
 
+def test_the_table_says_where_the_step_chose_a_tile_not_fastest_alone():
+    from rich.console import Console
+
+    problems = decode_problems(LLAMA_1B, 128)
+    results = [result(p, 8) for p in problems]
+    results[2] = dataclasses.replace(results[2], us=7.2, runners_up=(Contender(DP2A, tile(8), 7.0),))
+    console = Console(width=200, record=True)
+    console.print(tune.results_table("1B", results))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 3}
+    assert "no: 7.00 (the step chose)" in rows["gate_up"] and "7.20" in rows["gate_up"]
+    assert all("yes" in rows[p.role] for p in problems if p.role != "gate_up")
+
+
 class FakeBackend:
     """Times a step as the sum of fixed per-(role, kernel, block_n) costs: the step, not the GEMV alone, decides."""
 
