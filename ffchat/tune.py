@@ -57,8 +57,8 @@ TUNE_CONTEXTS = (512, 4096)
 STEP_REPEATS = 50  # timed decode steps per backend (after 5 warm-up steps)
 # A role's contenders in the step (``settle_on_step``): its winner alone, the fastest tile of the other kernel, and
 # other tiles within NEAR_TIE of the winner's time alone, CONTENDERS in all at most. Near ties alone made tune's
-# choices differ between runs, and with them the step: the 1B at 512 cached tokens took 0.425 ms with one tuning
-# and 0.444-0.450 ms with another, of the same kernels (BENCHMARKS.md, stop 28).
+# choices differ between runs, and with them the step: on an H100 the 1B gate/up went to W4A16 in one run and to
+# dp2a in another (BENCHMARKS.md, stop 28).
 NEAR_TIE = 0.08
 CONTENDERS = 3
 # The megakernel's searched grids, (programs per SM, warps per program), and keys per attention block: on an H200
