@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
+from ffchat.provenance import git_state
 from ffchat.shapes import random_weights, shape_config
 from ffchat.triton_backend import TritonBackend
 from ffchat.tune import tune_if_untuned
@@ -84,7 +85,8 @@ def main() -> None:
         print(f"  {name:20s} {us:8.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"shape": args.shape, "context": args.context, "cache": args.cache,
-                                               "device": torch.cuda.get_device_name(), "us": table}, indent=2))
+                                               "device": torch.cuda.get_device_name(), **git_state(), "us": table},
+                                              indent=2))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import gc
 import json
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ from ffchat.backend import Backend
 from ffchat.errors import FfchatError
 from ffchat.generate import Generator
 from ffchat.profiles import profile_for_device
+from ffchat.provenance import git_state
 from ffchat.runtime import TRITON_BACKENDS
 from ffchat.sampling import SamplingParams
 from ffchat.shapes import BenchWeights, random_weights, shape_config, stored_weights
@@ -450,23 +450,6 @@ def environment() -> dict:
         "cuda": torch.version.cuda,
         "triton": triton_version,
     }
-
-
-def git_state() -> dict:
-    """The commit of the checkout ffchat runs from, and whether its tree differs; None outside a git checkout."""
-    repo = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30,
-                                  check=False)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain") if commit else None
-    return {"commit": commit, "uncommitted_changes": None if status is None else bool(status)}
 
 
 class _Steps:
