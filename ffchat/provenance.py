@@ -40,8 +40,10 @@ def source_trees(repo: Path = REPO, folders: tuple[str, ...] = SOURCE_FOLDERS) -
 
 
 def git_state(repo: Path = REPO) -> dict:
-    """The checkout's commit, whether its tree differs from it, and ``source_trees``; None values outside one."""
-    commit = _git(repo, "rev-parse", "HEAD")
+    """The checkout's commit, whether its tree differs from it, and ``source_trees``; None values where ``repo`` is
+    not the top of a checkout (an installed ffchat whose site-packages lies inside some other project's)."""
+    top = _git(repo, "rev-parse", "--show-toplevel")
+    commit = _git(repo, "rev-parse", "HEAD") if top and Path(top).resolve() == repo.resolve() else None
     status = _git(repo, "status", "--porcelain") if commit else None
     return {"commit": commit, "uncommitted_changes": None if status is None else bool(status),
             "source_trees": source_trees(repo) if commit else None}

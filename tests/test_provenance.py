@@ -46,4 +46,6 @@ def test_the_checkout_index_is_untouched_and_outside_a_checkout_nothing_is_claim
     assert source_trees(repo)["kernels"] != git(repo, "rev-parse", "HEAD:kernels")
     assert (repo / ".git" / "index").read_bytes() == index_before
     assert git(repo, "status", "--porcelain") == "M kernels/code.py", "nothing staged"
-    assert git_state(tmp_path / "nowhere") == {"commit": None, "uncommitted_changes": None, "source_trees": None}
+    nothing = {"commit": None, "uncommitted_changes": None, "source_trees": None}
+    assert git_state(tmp_path / "nowhere") == nothing
+    assert git_state(repo / "kernels") == nothing, "a folder inside some checkout is not one"
