@@ -42,8 +42,9 @@ from ffchat.profiles import GpuIdentity
 from ffchat.shapes import EMBED, HEAD, BenchWeights, Int4Linear
 from ffchat.tuning_cache import load_tuning
 
-# GEMVs that let the next launch become resident before their own input is ready (``ffchat.kernels.pdl``):
+# GEMVs that let the next launch become resident before their own input is ready (``ffchat.kernels.pdl``), untuned:
 # behind attention, which does the same, the O projection's release puts gate/up's first weights in flight too.
+# `ffchat tune` settles the q/k/v GEMV's order per shape by the whole step (``ffchat.tune.RELEASE_CONTENDERS``).
 EARLY_RELEASE_ROLES = frozenset({"o"})
 
 # Tokens per prefill pass: bounds the activations and the attention mask of a long prompt.
@@ -153,11 +154,16 @@ class TritonBackend:
             role: GemvConfig(**fields) for role, fields in self.cached_tuning.gemv.items()}
         self.dp2a_roles = set() if self.cached_tuning is None else {
             role for role, kernel in self.cached_tuning.kernels.items() if kernel == "dp2a"}
-        self.details = {"tuned": self.tuning is not None, "dp2a_roles": sorted(self.dp2a_roles)}
+        self.early_release_roles = EARLY_RELEASE_ROLES if self.cached_tuning is None \
+            else self.cached_tuning.release_early
+        self.details = {"tuned": self.tuning is not None, "dp2a_roles": sorted(self.dp2a_roles),
+                        "early_release_roles": sorted(self.early_release_roles)}
 
-    def use_kernels(self, tuning: dict[str, GemvConfig] | None, dp2a_roles: set[str]) -> None:
-        """Run the decode GEMVs with these tiles and dp2a roles from the next step on (tuning compares choices)."""
-        self.tuning, self.dp2a_roles = tuning, set(dp2a_roles)
+    def use_kernels(self, tuning: dict[str, GemvConfig] | None, dp2a_roles: set[str],
+                    early_release_roles: frozenset[str] = EARLY_RELEASE_ROLES) -> None:
+        """Run the decode GEMVs with these tiles, dp2a roles and early releases from the next step on (tuning
+        compares choices)."""
+        self.tuning, self.dp2a_roles, self.early_release_roles = tuning, set(dp2a_roles), frozenset(early_release_roles)
         self.graph = None  # captured with the old ones
 
     def _dense(self, weights: BenchWeights, name: str) -> Tensor:
@@ -266,7 +272,7 @@ class TritonBackend:
         config = self.tuning.get(role) if self.tuning else None
         gemv = int4_gemv_dp2a if role in self.dp2a_roles else int4_gemv
         return gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size, config=config,
-                    norm_eps=self.config.rms_norm_eps, release_early=role in EARLY_RELEASE_ROLES, **epilogue)
+                    norm_eps=self.config.rms_norm_eps, release_early=role in self.early_release_roles, **epilogue)
 
     def _head(self, x: Tensor) -> None:
         """Final norm and LM head of one hidden vector into ``self.logits`` (fp32). An INT4 head's GEMV stores

@@ -11,7 +11,8 @@ Timed alone, a GEMV only approximates its cost inside the captured step (PDL ove
 neighbours): on an H200 the 1B winners, each 0-2% faster alone, made the step 4% faster;
 another set, with one GEMV 7% faster alone, changed it by nothing (BENCHMARKS.md, 2026-12-02).
 So the whole decode step settles each role among its contenders (``settle_on_step``): the
-winner alone, the fastest tile of the other kernel, and the tiles within ``NEAR_TIE`` of it.
+winner alone, the fastest tile of the other kernel, and the tiles within ``NEAR_TIE`` of it;
+then whether the q/k/v GEMV lets the next launch start before its own wait (``RELEASE_CONTENDERS``).
 Then the whole-model kernel (``ffchat.megakernel_backend``): its default configuration, that
 with half the attention shares, and every combination of tiles (the profile's, the tuned
 ones), grid and warps, and keys per attention block (``megakernel_candidates``), each checked
@@ -47,6 +48,7 @@ from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_reference,
 from ffchat.kernels.megakernel import MegakernelConfig, registers_per_sm
 from ffchat.megakernel_backend import attention_splits, megakernel_tile
 from ffchat.profiles import GpuIdentity
+from ffchat.triton_backend import EARLY_RELEASE_ROLES
 from ffchat.tuning_cache import GemvProblem, MegakernelTuning, decode_problems, save_tuning, tuning_path
 
 MAX_REL_ERR = 1e-3  # a correct candidate measures ~3e-5 against the fp32 reference
@@ -61,6 +63,11 @@ STEP_REPEATS = 50  # timed decode steps per backend (after 5 warm-up steps)
 # dp2a in another (BENCHMARKS.md, stop 28).
 NEAR_TIE = 0.08
 CONTENDERS = 3
+# Roles whose order under PDL the step settles after the tiles: releasing the next launch before their own wait, or
+# after it (``ffchat.kernels.pdl``). On an H100 the q/k/v GEMV releasing first made the 1B step 1.7% shorter at 4096
+# cached tokens and 0.8% at 512, the 0.5B's 2.8% longer at 512, the 8B's neither; gate/up and down releasing first
+# shortened no shape's step by more than the spread between rounds (BENCHMARKS.md, stop 31).
+RELEASE_CONTENDERS = ("qkv",)
 # The megakernel's searched grids, (programs per SM, warps per program), and keys per attention block: on an H200
 # 2 x 4 warps beat 1 x 8 warps (929 us) and 3 x 4 under a register cap (659 us) by 35% and 15% (BENCHMARKS.md).
 MEGAKERNEL_GRIDS = ((2, 4), (3, 4), (1, 8))
@@ -207,6 +214,7 @@ class ProblemResult:
     rejected: int  # candidates that failed the reference check or did not compile
     kernel: str = W4A16  # W4A16 or DP2A
     runners_up: tuple[Contender, ...] = ()  # the step's other contenders for this role (``contenders``)
+    release_early: bool = False  # the next launch becomes resident before this GEMV's wait (``ffchat.kernels.pdl``)
 
     def choosing(self, contender: Contender) -> ProblemResult:
         """This result with ``contender`` as its choice (the others stay contenders)."""
@@ -266,7 +274,8 @@ def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Calla
                           f"reference check on this GPU", hint="report this with `ffchat --debug tune ...`")
     profile_us = next((t for t, index, _, _ in timed if index == 0), math.nan) * 1e6
     best, *others = contenders([Contender(kernel, cfg, seconds * 1e6) for seconds, _, kernel, cfg in timed])
-    return ProblemResult(problem, best.config, best.us, profile_us, rejected, best.kernel, tuple(others))
+    return ProblemResult(problem, best.config, best.us, profile_us, rejected, best.kernel, tuple(others),
+                         problem.role in EARLY_RELEASE_ROLES)
 
 
 def step_us(backend, tokens: list[int]) -> float:
@@ -326,34 +335,50 @@ def step_tokens(config: ModelConfig) -> list[int]:
 def settle_on_step(weights, results: list[ProblemResult], on_contender: Callable[[], None] = lambda: None
                    ) -> list[ProblemResult]:
     """``results`` with each role's choice settled by the Triton backend's whole decode step: role by role, the
-    slowest alone first, each runner-up replaces the choice if the step is faster with it.
+    slowest alone first, each runner-up replaces the choice if the step is faster with it; then each role of
+    ``RELEASE_CONTENDERS`` releases the next launch in the other order if the step is faster so.
 
     Timed alone, a GEMV can win and still not shorten the step: when x was coded by a launch of its own, the
     8B LM head's dp2a tile on an H100 took 95 us against 110 alone, and the step was the same to 0.4%.
-    ``on_contender`` is called once per runner-up timed.
+    ``on_contender`` is called once per trial (``trials_to_settle``).
     """
     from ffchat.triton_backend import TritonBackend
 
-    if not any(r.runners_up for r in results):
+    if not trials_to_settle(results):
         return results
     tokens = step_tokens(weights.config)
     backend = TritonBackend(weights, max(TUNE_CONTEXTS) + 1)
 
     def step_with(chosen: list[ProblemResult]) -> float:
         backend.use_kernels({r.problem.role: r.config for r in chosen},
-                            {r.problem.role for r in chosen if r.kernel == DP2A})
+                            {r.problem.role for r in chosen if r.kernel == DP2A},
+                            frozenset(r.problem.role for r in chosen if r.release_early))
         return step_us(backend, tokens)
 
     settled = list(results)
     fastest = step_with(settled)
+
+    def try_instead(index: int, replacement: ProblemResult) -> None:
+        nonlocal fastest, settled
+        trial = [*settled[:index], replacement, *settled[index + 1:]]
+        us = step_with(trial)
+        if us < fastest:
+            fastest, settled = us, trial
+        on_contender()
+
     for index in sorted(range(len(settled)), key=lambda i: -settled[i].us):
         for runner_up in settled[index].runners_up:
-            trial = [*settled[:index], settled[index].choosing(runner_up), *settled[index + 1:]]
-            us = step_with(trial)
-            if us < fastest:
-                fastest, settled = us, trial
-            on_contender()
+            try_instead(index, settled[index].choosing(runner_up))
+    for index in range(len(settled)):
+        if settled[index].problem.role in RELEASE_CONTENDERS:
+            try_instead(index, dataclasses.replace(settled[index], release_early=not settled[index].release_early))
     return settled
+
+
+def trials_to_settle(results: list[ProblemResult]) -> int:
+    """Steps ``settle_on_step`` times beyond the first: every runner-up, and the other order of each role of
+    ``RELEASE_CONTENDERS``."""
+    return sum(len(r.runners_up) + (r.problem.role in RELEASE_CONTENDERS) for r in results)
 
 
 def tune_megakernel(weights, device: torch.device, tuned: dict[str, GemvConfig],
@@ -416,7 +441,7 @@ def tune(config: ModelConfig, group_size: int, device: torch.device,
     save_tuning(path, identity, results, time.perf_counter() - started)  # the backends timed next read it
     weights = random_weights(config, label="tune", int4=True, group_size=group_size, device=device)
     settled = settle_on_step(weights, results, on_candidate)
-    for _ in range(sum(len(r.runners_up) for r in results), steps_to_settle(config, group_size)):
+    for _ in range(trials_to_settle(results), steps_to_settle(config, group_size)):
         on_candidate()  # roles with fewer contenders: the progress bar still ends full
     if settled is not results:
         results = settled
@@ -436,8 +461,9 @@ def progress_steps(config: ModelConfig, group_size: int, device: torch.device, m
 
 
 def steps_to_settle(config: ModelConfig, group_size: int) -> int:
-    """Progress steps of ``settle_on_step`` at most: a runner-up of every role."""
-    return (CONTENDERS - 1) * len(decode_problems(config, group_size))
+    """Progress steps of ``settle_on_step`` at most: the runners-up of every role, each release order tried."""
+    problems = decode_problems(config, group_size)
+    return (CONTENDERS - 1) * len(problems) + sum(p.role in RELEASE_CONTENDERS for p in problems)
 
 
 def shape_to_tune(model: str | None, shape: str | None) -> tuple[str, ModelConfig, int]:
@@ -496,13 +522,13 @@ def tune_if_untuned(name: str, config: ModelConfig, group_size: int, device: tor
 
 
 def results_table(title: str, results: list[ProblemResult]):
-    """`ffchat tune`'s table: per role the choice, its time alone against the profile's tile, and whether it is
-    also the fastest alone (else the step chose it)."""
+    """`ffchat tune`'s table: per role the choice, its time alone against the profile's tile, whether it is also
+    the fastest alone (else the step chose it), and when it lets the next launch start (``ffchat.kernels.pdl``)."""
     from rich.table import Table
 
     table = Table(title=title)
     for column in ("GEMV", "N x K", "kernel", "tile (outputs x inputs, warps)", "us", "profile's us",
-                   "fastest alone", "rejected"):
+                   "fastest alone", "next launch released", "rejected"):
         table.add_column(column)
     for r in results:
         c = r.config
@@ -512,7 +538,7 @@ def results_table(title: str, results: list[ProblemResult]):
         fastest = min([r.us, *(runner_up.us for runner_up in r.runners_up)])
         table.add_row(r.problem.role, f"{r.problem.n} x {r.problem.k}", r.kernel, tile, f"{r.us:.2f}",
                       f"{r.profile_us:.2f}", "yes" if r.us == fastest else f"no: {fastest:.2f} (the step chose)",
-                      str(r.rejected))
+                      "before its wait" if r.release_early else "after its wait", str(r.rejected))
     return table
 
 

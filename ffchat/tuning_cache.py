@@ -27,8 +27,9 @@ from ffchat.quantize.layout import choose_group_size
 # Of the cache file; another value is ignored (re-tune). 3: the megakernel timed at two contexts; 4: each GEMV role's
 # kernel (W4A16, or dp2a with its quantizing launch); 5: dp2a codes x itself (its tiles were timed another way);
 # 6: dp2a row loops (``programs_per_sm``) among the LM head's candidates; 7: and other GEMVs' of many row blocks;
-# 8: and of a row block an SM; 9: each role's choice settled by the whole step among its near ties.
-FORMAT = 9
+# 8: and of a row block an SM; 9: each role's choice settled by the whole step among its near ties; 10: and whether
+# a GEMV releases the next launch before its wait (``release_early``).
+FORMAT = 10
 
 
 @dataclass(frozen=True)
@@ -88,13 +89,14 @@ class MegakernelTuning:
 
 @dataclass(frozen=True)
 class Tuning:
-    """One cache file: ``GemvConfig`` fields and the kernel ("w4a16" or "dp2a") by role; the megakernel's result
-    when it was tuned too."""
+    """One cache file: ``GemvConfig`` fields and the kernel ("w4a16" or "dp2a") by role, the roles that release the
+    next launch before their wait; the megakernel's result when it was tuned too."""
 
     date: str
     gemv: dict[str, dict]
     kernels: dict[str, str]
     megakernel: MegakernelTuning | None
+    release_early: frozenset[str] = frozenset()
 
 
 def tuning_path(identity: GpuIdentity, config: ModelConfig, group_size: int) -> Path:
@@ -116,7 +118,8 @@ def save_tuning(path: Path, identity: GpuIdentity, results: list, seconds: float
         "gpu": dataclasses.asdict(identity),
         "seconds": round(seconds, 1),
         "gemv": {r.problem.role: {"problem": dataclasses.asdict(r.problem), "config": dataclasses.asdict(r.config),
-                                  "kernel": r.kernel, "us": r.us, "profile_us": r.profile_us, "rejected": r.rejected,
+                                  "kernel": r.kernel, "release_early": r.release_early, "us": r.us,
+                                  "profile_us": r.profile_us, "rejected": r.rejected,
                                   "runners_up": [dataclasses.asdict(c) for c in r.runners_up]}
                  for r in results},
         "megakernel": None if megakernel is None else dataclasses.asdict(megakernel),
@@ -139,7 +142,8 @@ def load_tuning(identity: GpuIdentity, config: ModelConfig, group_size: int) -> 
         gemv = record["gemv"]
         return Tuning(str(record["date"]), {role: dict(entry["config"]) for role, entry in gemv.items()},
                       {role: str(entry["kernel"]) for role, entry in gemv.items()},
-                      None if mega is None else MegakernelTuning(**mega))
+                      None if mega is None else MegakernelTuning(**mega),
+                      frozenset(role for role, entry in gemv.items() if bool(entry["release_early"])))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -156,6 +160,8 @@ def tuning_status(config: ModelConfig, group_size: int | None) -> str:
         return "not tuned on this GPU: the profile's tables (the first `ffchat run` tunes, or `ffchat tune`)"
     dp2a = sorted(role for role, kernel in tuning.kernels.items() if kernel == "dp2a")
     kernels = f"GEMVs on dp2a: {', '.join(dp2a)}; " if dp2a else ""
+    if tuning.release_early:
+        kernels += f"releasing the next launch before their wait: {', '.join(sorted(tuning.release_early))}; "
     return f"tuned on this GPU {tuning.date}; {kernels}{describe_megakernel(tuning.megakernel)} " \
            f"({tuning_path(identity, config, group_size)})"
 

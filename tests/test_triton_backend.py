@@ -163,7 +163,8 @@ def test_tuned_tiles_reach_the_kernels_and_change_nothing_but_speed(monkeypatch)
     from ffchat.kernels.int4_gemv import GemvConfig
 
     reference, triton = backends("llama", seed=4)
-    assert triton.tuning is None and triton.details == {"tuned": False, "dp2a_roles": []}  # no tuning cache on a CPU
+    assert triton.tuning is None and triton.details == {"tuned": False, "dp2a_roles": [],  # no tuning cache on a CPU
+                                                        "early_release_roles": ["o"]}
     tiles = {"o": GemvConfig(block_n=4, block_k=32, num_warps=1), "down": GemvConfig(block_n=2, block_k=64,
                                                                                       num_warps=1)}
     triton.tuning = tiles
@@ -192,6 +193,30 @@ def test_roles_tuned_to_dp2a_run_it_and_keep_the_logits(monkeypatch):
     seen.clear()
     assert_close(triton.decode(6), reference.decode(6))
     assert seen == [None] * triton.config.num_layers + [head]  # down per layer (the profile's tile), the head
+
+
+def test_the_roles_tuned_to_release_early_launch_so_and_the_others_do_not(monkeypatch):
+    """Untuned, the O projection alone releases the next launch before its wait; `ffchat tune` can settle another
+    set (``use_kernels``), which reaches the launches of the next step, role by role."""
+    from ffchat import triton_backend
+
+    _, triton = backends("llama", seed=6)
+    released, real = [], triton_backend.int4_gemv
+
+    def spy(*args, release_early=False, **kwargs):
+        released.append(release_early)
+        return real(*args, release_early=release_early, **kwargs)
+
+    monkeypatch.setattr(triton_backend, "int4_gemv", spy)
+    triton.prefill([3, 1, 4])
+    layers = triton.config.num_layers
+    for roles, per_layer in ((None, [False, True, False, False]), ({"qkv", "o"}, [True, True, False, False]),
+                             (set(), [False] * 4)):
+        if roles is not None:
+            triton.use_kernels(None, set(), frozenset(roles))
+        released.clear()
+        triton.decode(2)
+        assert released == per_layer * layers + [False], roles  # q/k/v, o, gate/up, down per layer; the head
 
 
 def test_attention_shares_are_sized_for_the_models_kv_heads():

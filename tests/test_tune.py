@@ -104,7 +104,8 @@ def test_a_saved_tuning_is_found_again_and_only_for_its_gpu_and_shape():
     problems = decode_problems(LLAMA_1B, 128)
     path = tuning_path(GPU, LLAMA_1B, 128)
     results = [result(p, 8, DP2A if p.role == "head" else W4A16) for p in problems]
-    results[0] = dataclasses.replace(results[0], runners_up=(Contender(DP2A, GemvConfig(16, 2048, 8), 1.9),))
+    results[0] = dataclasses.replace(results[0], runners_up=(Contender(DP2A, GemvConfig(16, 2048, 8), 1.9),),
+                                     release_early=True)
     save_tuning(path, GPU, results, 12.5, MEGAKERNEL)
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left behind
     assert json.loads(path.read_text())["gemv"]["qkv"]["runners_up"] == [
@@ -114,6 +115,7 @@ def test_a_saved_tuning_is_found_again_and_only_for_its_gpu_and_shape():
     assert GemvConfig(**loaded.gemv["down"]) == GemvConfig(block_n=8, block_k=1024, num_warps=4)
     assert loaded.kernels == {p.role: DP2A if p.role == "head" else W4A16 for p in problems}
     assert loaded.megakernel == MEGAKERNEL and loaded.megakernel.faster
+    assert loaded.release_early == {"qkv"}, "the roles that release the next launch before their wait"
     other_driver = GpuIdentity(*{**GPU.__dict__, "driver": "590.1"}.values())
     assert load_tuning(other_driver, LLAMA_1B, 128) is None
     assert load_tuning(GPU, LLAMA_1B, 64) is None
@@ -218,6 +220,24 @@ def test_the_table_says_where_the_step_chose_a_tile_not_fastest_alone():
     rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 3}
     assert "no: 7.00 (the step chose)" in rows["gate_up"] and "7.20" in rows["gate_up"]
     assert all("yes" in rows[p.role] for p in problems if p.role != "gate_up")
+    assert all("after its wait" in rows[p.role] for p in problems)
+    results[0] = dataclasses.replace(results[0], release_early=True)
+    console = Console(width=200, record=True)
+    console.print(tune.results_table("1B", results))
+    rows = {line.split("│")[1].strip(): line for line in console.export_text().splitlines() if line.count("│") > 3}
+    assert "before its wait" in rows["qkv"] and "after its wait" in rows["o"]
+
+
+def test_show_names_the_roles_that_release_early(monkeypatch):
+    """`ffchat show`'s tuning line says which GEMVs let the next launch start before their wait."""
+    monkeypatch.setattr(tuning_cache.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(GpuIdentity, "of", classmethod(lambda cls, device: GPU))
+    results = [dataclasses.replace(result(p, 8, DP2A), release_early=p.role in ("o", "qkv"))
+               for p in decode_problems(LLAMA_1B, 128)]
+    save_tuning(tuning_path(GPU, LLAMA_1B, 128), GPU, results, 1.0)
+    status = tuning_cache.tuning_status(LLAMA_1B, 128)
+    assert "GEMVs on dp2a: down, gate_up, head, o, qkv; releasing the next launch before their wait: o, qkv;" \
+        in status
 
 
 class FakeBackend:
@@ -227,15 +247,17 @@ class FakeBackend:
     steps = 0
 
     def __init__(self, weights, context):
-        self.tuning, self.dp2a_roles = None, set()
+        self.tuning, self.dp2a_roles, self.early_release_roles = None, set(), frozenset()
 
-    def use_kernels(self, tuning, dp2a_roles):
-        self.tuning, self.dp2a_roles = tuning, dp2a_roles
+    def use_kernels(self, tuning, dp2a_roles, early_release_roles):
+        self.tuning, self.dp2a_roles, self.early_release_roles = tuning, dp2a_roles, early_release_roles
 
 
 def fake_step_us(backend, tokens):
+    """The tiles' costs, plus or minus what releasing early changes in a role (``early_costs``)."""
     FakeBackend.steps += 1
     return sum(FakeBackend.costs.get((role, DP2A if role in backend.dp2a_roles else W4A16, cfg.block_n), 10.0)
+               + FakeBackend.early_costs.get(role, 0.0) * (role in backend.early_release_roles)
                for role, cfg in backend.tuning.items())
 
 
@@ -254,6 +276,7 @@ def test_the_step_settles_each_role_among_its_contenders(monkeypatch):
     FakeBackend.costs = {("gate_up", DP2A, 8): 7.5, ("gate_up", W4A16, 16): 7.0, ("down", W4A16, 4): 5.0,
                          ("down", DP2A, 4): 5.5, ("head", W4A16, 16): 42.0, ("head", W4A16, 32): 41.5,
                          ("head", W4A16, 8): 40.0}
+    FakeBackend.early_costs = {"qkv": -0.5, "down": -3.0}  # down would gain more, but is not a release contender
     FakeBackend.steps = 0
     monkeypatch.setattr(triton_backend, "TritonBackend", FakeBackend)
     monkeypatch.setattr(tune, "step_us", fake_step_us)
@@ -263,7 +286,14 @@ def test_the_step_settles_each_role_among_its_contenders(monkeypatch):
     assert (settled["gate_up"].kernel, settled["gate_up"].config, settled["gate_up"].us) == (W4A16, tile(16), 7.2)
     assert settled["gate_up"].runners_up == (Contender(DP2A, tile(8), 7.0),), "the loser stays a contender"
     assert (settled["head"].config, settled["head"].us) == (tile(8), 41.0)
-    assert settled["down"] == results[2] and settled["qkv"] == results[0]
-    assert len(calls) == 4 and FakeBackend.steps == 5, "the first choice, then each runner-up once"
+    assert settled["down"] == results[2], "its runner-up lost, and its release order is not tried"
+    assert settled["qkv"] == dataclasses.replace(results[0], release_early=True), "the step is faster so"
+    assert len(calls) == 5 and FakeBackend.steps == 6, "the first choice, each runner-up once, the q/k/v order"
+    assert len(calls) == tune.trials_to_settle(results) <= tune.steps_to_settle(LLAMA_1B, 128)
+
+    FakeBackend.early_costs = {"qkv": +0.5}
+    slower = {r.problem.role: r for r in tune.settle_on_step(weights, results)}
+    assert not slower["qkv"].release_early, "releasing first made the step slower: q/k/v keeps its order"
     plain = [result(p, 8) for p in problems.values()]
+    monkeypatch.setattr(tune, "RELEASE_CONTENDERS", ())
     assert tune.settle_on_step(None, plain) is plain, "nothing to settle: no step is timed"
