@@ -96,7 +96,7 @@ class Tuning:
     gemv: dict[str, dict]
     kernels: dict[str, str]
     megakernel: MegakernelTuning | None
-    release_early: frozenset[str] = frozenset()
+    release_early: frozenset[str]
 
 
 def tuning_path(identity: GpuIdentity, config: ModelConfig, group_size: int) -> Path:

@@ -23,9 +23,10 @@ attention only: the two attention launches and the O projection after them do it
 shares run the reduce, the O projection and gate/up are resident and their first weights in
 flight (Llama-3.2-1B -5% and Qwen2.5-0.5B -4% at 4096 cached tokens); the QKV GEMV doing it
 made the 0.5B 5% slower, gate/up gained under 1%, down lost at 4096. Measured again on the
-tuned kernels of stop 31, the QKV GEMV releasing first made the 1B step 1.7% shorter at 4096
-(attention's shares become resident and request their keys under it) and the 0.5B's 2.8% longer at 512, so
-`ffchat tune` settles that one per shape by the whole step (``ffchat.tune.RELEASE_CONTENDERS``).
+tuned kernels of stop 31, the QKV GEMV releasing first made one 1B tuning's step 1.7% shorter
+at 4096 (attention's shares become resident and request their keys under it; another tuning's
+by nothing) and the 0.5B's 2.8% longer at 512, so `ffchat tune` settles that one per shape by
+the whole step (``ffchat.tune.RELEASE_CONTENDERS``).
 """
 
 from __future__ import annotations
