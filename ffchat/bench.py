@@ -378,10 +378,20 @@ def time_decode(backend: Backend, context: int, tokens: list[int], steps: int, w
     The cache is filled by a prefill of random tokens, then every step rewinds to
     ``context`` first, so all steps read the same KV length. No sampling is timed.
     """
+    fill_cache(backend, context, tokens)
+    return time_cached_decode(backend, context, tokens, steps, warmup)
+
+
+def fill_cache(backend: Backend, context: int, tokens: list[int]) -> None:
+    """The cache holds exactly ``tokens[:context]`` (prefilled), as ``time_cached_decode`` needs."""
     backend.rewind(0)
     if context:
         backend.prefill(tokens[:context])
 
+
+def time_cached_decode(backend: Backend, context: int, tokens: list[int], steps: int, warmup: int) -> list[float]:
+    """``time_decode`` on a cache ``fill_cache`` filled with ``context`` tokens (and that only steps rewound to
+    ``context`` have written since): each step rewinds to ``context``, so the cache stays valid for the next call."""
     def step(i: int) -> None:
         backend.rewind(context)
         backend.decode(tokens[i % len(tokens)])

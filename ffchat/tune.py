@@ -57,6 +57,12 @@ ROTATED_BYTES = 4  # rotate weights through this many times the L2 size, so L2 c
 # config fast only at short contexts cannot win (attention blocks of 32 keys: -1% at 512, +6% at 4096 on an H200).
 TUNE_CONTEXTS = (512, 4096)
 STEP_REPEATS = 50  # timed decode steps per backend (after 5 warm-up steps)
+# ``settle_on_step`` times the step with the current choice (0) and a trial (1) in this order at each context, each
+# timing SETTLE_REPEATS steps: a drift of the GPU's speed over the four weighs on both alike. Timed one after the
+# other, the first timing of a process ran ~1% faster than later ones (BENCHMARKS.md, stop 30), more than most choices
+# move the step, and a choice kept when one timing came out low set a bar later trials had to beat by luck.
+PAIRED_ORDER = (0, 1, 1, 0)
+SETTLE_REPEATS = 25
 # A role's contenders in the step (``settle_on_step``): its winner alone, the fastest tile of the other kernel, and
 # other tiles within NEAR_TIE of the winner's time alone, CONTENDERS in all at most. Near ties alone made tune's
 # choices differ between runs, and with them the step: on an H100 the 1B gate/up went to W4A16 in one run and to
@@ -282,10 +288,35 @@ def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Calla
 def step_us(backend, tokens: list[int]) -> float:
     """Mean over ``TUNE_CONTEXTS`` of the median us of a decode step with that many tokens cached (``ffchat
     bench``'s timing)."""
-    from ffchat.bench import time_decode
+    from ffchat.bench import fill_cache
 
-    return statistics.mean(statistics.median(time_decode(backend, context, tokens, STEP_REPEATS, warmup=5)) * 1e3
-                           for context in TUNE_CONTEXTS)
+    total = 0.0
+    for context in TUNE_CONTEXTS:
+        fill_cache(backend, context, tokens)
+        total += median_step_us(backend, context, tokens, STEP_REPEATS)
+    return total / len(TUNE_CONTEXTS)
+
+
+def paired_step_us(backend, tokens: list[int], choose: Callable[[int], None]) -> tuple[float, float]:
+    """``step_us`` of two choices of ``backend``'s kernels (``choose(0)``, ``choose(1)`` put one in place), timed
+    in ``PAIRED_ORDER`` at each context on one prefill: the Triton backend's prefill does not depend on them."""
+    from ffchat.bench import fill_cache
+
+    totals = [0.0, 0.0]
+    for context in TUNE_CONTEXTS:
+        fill_cache(backend, context, tokens)
+        for which in PAIRED_ORDER:
+            choose(which)
+            totals[which] += median_step_us(backend, context, tokens, SETTLE_REPEATS)
+    timings = len(TUNE_CONTEXTS) * PAIRED_ORDER.count(0)
+    return totals[0] / timings, totals[1] / timings
+
+
+def median_step_us(backend, context: int, tokens: list[int], repeats: int) -> float:
+    """Median us of ``repeats`` decode steps (after 5 warm-up steps) on a cache filled with ``context`` tokens."""
+    from ffchat.bench import time_cached_decode
+
+    return statistics.median(time_cached_decode(backend, context, tokens, repeats, warmup=5)) * 1e3
 
 
 def megakernel_candidates(default: MegakernelConfig, tuned_tiles: dict[str, GemvConfig], sms: int,
@@ -337,7 +368,8 @@ def settle_on_step(weights, results: list[ProblemResult], on_contender: Callable
                    ) -> list[ProblemResult]:
     """``results`` with each role's choice settled by the Triton backend's whole decode step: role by role, the
     slowest alone first, each runner-up replaces the choice if the step is faster with it; then each role of
-    ``RELEASE_CONTENDERS`` releases the next launch in the other order if the step is faster so.
+    ``RELEASE_CONTENDERS`` releases the next launch in the other order if the step is faster so. Each trial is
+    timed beside the current choice (``paired_step_us``), so neither carries a timing from another moment.
 
     Timed alone, a GEMV can win and still not shorten the step: when x was coded by a launch of its own, the
     8B LM head's dp2a tile on an H100 took 95 us against 110 alone, and the step was the same to 0.4%.
@@ -350,21 +382,19 @@ def settle_on_step(weights, results: list[ProblemResult], on_contender: Callable
     tokens = step_tokens(weights.config)
     backend = TritonBackend(weights, max(TUNE_CONTEXTS) + 1)
 
-    def step_with(chosen: list[ProblemResult]) -> float:
+    def use(chosen: list[ProblemResult]) -> None:
         backend.use_kernels({r.problem.role: r.config for r in chosen},
                             {r.problem.role for r in chosen if r.kernel == DP2A},
                             frozenset(r.problem.role for r in chosen if r.release_early))
-        return step_us(backend, tokens)
 
     settled = list(results)
-    fastest = step_with(settled)
 
     def try_instead(index: int, replacement: ProblemResult) -> None:
-        nonlocal fastest, settled
+        nonlocal settled
         trial = [*settled[:index], replacement, *settled[index + 1:]]
-        us = step_with(trial)
-        if us < fastest:
-            fastest, settled = us, trial
+        current_us, trial_us = paired_step_us(backend, tokens, lambda which: use(trial if which else settled))
+        if trial_us < current_us:
+            settled = trial
         on_contender()
 
     for index in sorted(range(len(settled)), key=lambda i: -settled[i].us):
@@ -377,8 +407,8 @@ def settle_on_step(weights, results: list[ProblemResult], on_contender: Callable
 
 
 def trials_to_settle(results: list[ProblemResult]) -> int:
-    """Steps ``settle_on_step`` times beyond the first: every runner-up, and the other order of each role of
-    ``RELEASE_CONTENDERS``."""
+    """Trials ``settle_on_step`` times, each beside the current choice: every runner-up, and the other order of
+    each role of ``RELEASE_CONTENDERS``."""
     return sum(len(r.runners_up) + (r.problem.role in RELEASE_CONTENDERS) for r in results)
 
 

@@ -253,19 +253,31 @@ class FakeBackend:
         self.tuning, self.dp2a_roles, self.early_release_roles = tuning, dp2a_roles, early_release_roles
 
 
-def fake_step_us(backend, tokens):
-    """The tiles' costs, plus or minus what releasing early changes in a role (``early_costs``)."""
+def fake_median_step_us(backend, context, tokens, repeats):
+    """The tiles' costs, plus or minus what releasing early changes in a role (``early_costs``), plus ``drift`` for
+    every step timed before: the GPU slowing down (or, negative, speeding up) while tune runs."""
     FakeBackend.steps += 1
-    return sum(FakeBackend.costs.get((role, DP2A if role in backend.dp2a_roles else W4A16, cfg.block_n), 10.0)
-               + FakeBackend.early_costs.get(role, 0.0) * (role in backend.early_release_roles)
-               for role, cfg in backend.tuning.items())
+    return FakeBackend.drift * FakeBackend.steps + sum(
+        FakeBackend.costs.get((role, DP2A if role in backend.dp2a_roles else W4A16, cfg.block_n), 10.0)
+        + FakeBackend.early_costs.get(role, 0.0) * (role in backend.early_release_roles)
+        for role, cfg in backend.tuning.items())
 
 
-def test_the_step_settles_each_role_among_its_contenders(monkeypatch):
+@pytest.fixture
+def fake_steps(monkeypatch):
+    """``settle_on_step`` on ``FakeBackend``: no GPU, every step's time from ``fake_median_step_us``."""
+    from ffchat import bench, triton_backend
+
+    FakeBackend.steps, FakeBackend.drift = 0, 0.0
+    monkeypatch.setattr(triton_backend, "TritonBackend", FakeBackend)
+    monkeypatch.setattr(bench, "fill_cache", lambda backend, context, tokens: None)
+    monkeypatch.setattr(tune, "median_step_us", fake_median_step_us)
+    return type("Weights", (), {"config": LLAMA_1B})()
+
+
+def test_the_step_settles_each_role_among_its_contenders(monkeypatch, fake_steps):
     """Timed alone gate/up won with dp2a and the head with W4A16 16-row tiles; in the step W4A16 is faster for gate/up
     and the head's 8-row runner-up is, so those replace them; down's runner-up is slower in the step and loses."""
-    from ffchat import triton_backend
-
     problems = {p.role: p for p in decode_problems(LLAMA_1B, 128)}
     results = [result(problems["qkv"], 8),
                dataclasses.replace(result(problems["gate_up"], 8, DP2A), us=7.0,
@@ -277,10 +289,7 @@ def test_the_step_settles_each_role_among_its_contenders(monkeypatch):
                          ("down", DP2A, 4): 5.5, ("head", W4A16, 16): 42.0, ("head", W4A16, 32): 41.5,
                          ("head", W4A16, 8): 40.0}
     FakeBackend.early_costs = {"qkv": -0.5, "down": -3.0}  # down would gain more, but is not a release contender
-    FakeBackend.steps = 0
-    monkeypatch.setattr(triton_backend, "TritonBackend", FakeBackend)
-    monkeypatch.setattr(tune, "step_us", fake_step_us)
-    weights = type("Weights", (), {"config": LLAMA_1B})()
+    weights = fake_steps
     calls = []
     settled = {r.problem.role: r for r in tune.settle_on_step(weights, results, lambda: calls.append(1))}
     assert (settled["gate_up"].kernel, settled["gate_up"].config, settled["gate_up"].us) == (W4A16, tile(16), 7.2)
@@ -288,7 +297,8 @@ def test_the_step_settles_each_role_among_its_contenders(monkeypatch):
     assert (settled["head"].config, settled["head"].us) == (tile(8), 41.0)
     assert settled["down"] == results[2], "its runner-up lost, and its release order is not tried"
     assert settled["qkv"] == dataclasses.replace(results[0], release_early=True), "the step is faster so"
-    assert len(calls) == 5 and FakeBackend.steps == 6, "the first choice, each runner-up once, the q/k/v order"
+    assert len(calls) == 5, "each runner-up once, the q/k/v order"
+    assert FakeBackend.steps == 5 * len(tune.PAIRED_ORDER) * len(tune.TUNE_CONTEXTS), "each beside the choice"
     assert len(calls) == tune.trials_to_settle(results) <= tune.steps_to_settle(LLAMA_1B, 128)
 
     FakeBackend.early_costs = {"qkv": +0.5}
@@ -297,3 +307,16 @@ def test_the_step_settles_each_role_among_its_contenders(monkeypatch):
     plain = [result(p, 8) for p in problems.values()]
     monkeypatch.setattr(tune, "RELEASE_CONTENDERS", ())
     assert tune.settle_on_step(None, plain) is plain, "nothing to settle: no step is timed"
+
+
+@pytest.mark.parametrize("drift", [0.2, -0.2])
+def test_a_drift_in_the_gpus_speed_does_not_settle_a_role(fake_steps, drift):
+    """The runner-up is 0.1 us faster in the step while each timing drifts by more: timed beside the choice, it
+    wins however the GPU drifts; a runner-up 0.1 us slower loses however it drifts."""
+    problems = {p.role: p for p in decode_problems(LLAMA_1B, 128)}
+    results = [dataclasses.replace(result(problems["down"], 4), runners_up=(Contender(W4A16, tile(8), 5.1),))]
+    FakeBackend.early_costs, FakeBackend.drift = {}, drift
+    FakeBackend.costs = {("down", W4A16, 4): 5.0, ("down", W4A16, 8): 4.9}
+    assert tune.settle_on_step(fake_steps, results)[0].config == tile(8)
+    FakeBackend.costs = {("down", W4A16, 4): 5.0, ("down", W4A16, 8): 5.1}
+    assert tune.settle_on_step(fake_steps, results)[0] == results[0]
