@@ -73,7 +73,8 @@ CONTENDERS = 3
 # after it (``ffchat.kernels.pdl``). On an H100 the q/k/v GEMV releasing first made one tuning's 1B step 1.7% shorter
 # at 4096 cached tokens and 0.8% at 512 (another tuning's by nothing), the 0.5B's 2.8% longer at 512, the 8B's
 # neither; gate/up and down releasing first shortened no shape's step by more than the spread between rounds
-# (BENCHMARKS.md, stop 31).
+# (BENCHMARKS.md, stop 31). Settled by paired timings, every 1B tuning of stop 32 took it (the step from 128 to 4096
+# cached tokens +12-14.5% against +16%), the 0.5B and 8B did not.
 RELEASE_CONTENDERS = ("qkv",)
 # The megakernel's searched grids, (programs per SM, warps per program), and keys per attention block: on an H200
 # 2 x 4 warps beat 1 x 8 warps (929 us) and 3 x 4 under a register cap (659 us) by 35% and 15% (BENCHMARKS.md).
