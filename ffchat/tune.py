@@ -309,8 +309,7 @@ def paired_step_us(backend, tokens: list[int], choose: Callable[[int], None]) ->
         for which in PAIRED_ORDER:
             choose(which)
             totals[which] += median_step_us(backend, context, tokens, SETTLE_REPEATS)
-    timings = len(TUNE_CONTEXTS) * PAIRED_ORDER.count(0)
-    return totals[0] / timings, totals[1] / timings
+    return tuple(total / (len(TUNE_CONTEXTS) * PAIRED_ORDER.count(which)) for which, total in enumerate(totals))
 
 
 def median_step_us(backend, context: int, tokens: list[int], repeats: int) -> float:
