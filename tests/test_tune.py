@@ -244,7 +244,9 @@ class FakeBackend:
     """Times a step as the sum of fixed per-(role, kernel, block_n) costs: the step, not the GEMV alone, decides."""
 
     costs: dict = {}
+    early_costs: dict = {}
     steps = 0
+    drift = 0.0
 
     def __init__(self, weights, context):
         self.tuning, self.dp2a_roles, self.early_release_roles = None, set(), frozenset()
@@ -268,7 +270,7 @@ def fake_steps(monkeypatch):
     """``settle_on_step`` on ``FakeBackend``: no GPU, every step's time from ``fake_median_step_us``."""
     from ffchat import bench, triton_backend
 
-    FakeBackend.steps, FakeBackend.drift = 0, 0.0
+    FakeBackend.costs, FakeBackend.early_costs, FakeBackend.steps, FakeBackend.drift = {}, {}, 0, 0.0
     monkeypatch.setattr(triton_backend, "TritonBackend", FakeBackend)
     monkeypatch.setattr(bench, "fill_cache", lambda backend, context, tokens: None)
     monkeypatch.setattr(tune, "median_step_us", fake_median_step_us)
