@@ -36,6 +36,7 @@ from ffchat.kernels.decode_attention import decode_attention, make_workspace
 from ffchat.kernels.dp2a_gemv import int4_gemv_dp2a
 from ffchat.kernels.int4_dequant import dequantize_int4
 from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_w4a8
+from ffchat.kernels.lane_gemv import int4_gemv_lanes
 from ffchat.kernels.rope_kv import rope_kv_append
 from ffchat.model import attention_mask, int8_round, rms_norm, rope_tables
 from ffchat.profiles import GpuIdentity
@@ -46,6 +47,10 @@ from ffchat.tuning_cache import load_tuning
 # behind attention, which does the same, the O projection's release puts gate/up's first weights in flight too.
 # `ffchat tune` settles the q/k/v GEMV's order per shape by the whole step (``ffchat.tune.RELEASE_CONTENDERS``).
 EARLY_RELEASE_ROLES = frozenset({"o"})
+# The decode GEMV kernels `ffchat tune` chooses between, by the name its cache stores: W4A16 (the profile's, and
+# every untuned role's), dp2a (x as int16 codes) and the word-a-lane W4A16 for long rows without a fused norm.
+W4A16, DP2A, LANES = "w4a16", "dp2a", "lanes"
+GEMV_KERNELS = {W4A16: int4_gemv, DP2A: int4_gemv_dp2a, LANES: int4_gemv_lanes}
 
 # Tokens per prefill pass: bounds the activations and the attention mask of a long prompt.
 PREFILL_CHUNK = 1024
@@ -152,18 +157,18 @@ class TritonBackend:
             if self.device.type == "cuda" else None
         self.tuning = None if self.cached_tuning is None else {
             role: GemvConfig(**fields) for role, fields in self.cached_tuning.gemv.items()}
-        self.dp2a_roles = set() if self.cached_tuning is None else {
-            role for role, kernel in self.cached_tuning.kernels.items() if kernel == "dp2a"}
+        self.role_kernels = {} if self.cached_tuning is None else dict(self.cached_tuning.kernels)
         self.early_release_roles = EARLY_RELEASE_ROLES if self.cached_tuning is None \
             else self.cached_tuning.release_early
-        self.details = {"tuned": self.tuning is not None, "dp2a_roles": sorted(self.dp2a_roles),
+        self.details = {"tuned": self.tuning is not None, "kernels": self.role_kernels,
                         "early_release_roles": sorted(self.early_release_roles)}
 
-    def use_kernels(self, tuning: dict[str, GemvConfig] | None, dp2a_roles: set[str],
+    def use_kernels(self, tuning: dict[str, GemvConfig] | None, role_kernels: dict[str, str],
                     early_release_roles: frozenset[str] = EARLY_RELEASE_ROLES) -> None:
-        """Run the decode GEMVs with these tiles, dp2a roles and early releases from the next step on (tuning
-        compares choices)."""
-        self.tuning, self.dp2a_roles, self.early_release_roles = tuning, set(dp2a_roles), frozenset(early_release_roles)
+        """Run the decode GEMVs with these tiles, kernels by role (``GEMV_KERNELS``' names; W4A16 where absent) and
+        early releases from the next step on (tuning compares choices)."""
+        self.tuning, self.role_kernels = tuning, dict(role_kernels)
+        self.early_release_roles = frozenset(early_release_roles)
         self.graph = None  # captured with the old ones
 
     def _dense(self, weights: BenchWeights, name: str) -> Tensor:
@@ -263,14 +268,14 @@ class TritonBackend:
         self._head(x)
 
     def _gemv(self, role: str, x: Tensor, linear: Int4Linear, *, int8: bool = False, **epilogue) -> Tensor:
-        """The kernel and tile `ffchat tune` chose for ``role`` (W4A16, or dp2a: x as int16 codes), the profile's
-        W4A16 tile if untuned; with ``int8`` W4A8 (x rounded to int8 per group, after the norm if one is given;
-        its tiles come from the profile)."""
+        """The kernel (``GEMV_KERNELS``) and tile `ffchat tune` chose for ``role``, the profile's W4A16 tile if
+        untuned; with ``int8`` W4A8 (x rounded to int8 per group, after the norm if one is given; its tiles come
+        from the profile)."""
         if int8:
             return int4_gemv_w4a8(x, linear.qweight, linear.scales, linear.zeros, linear.group_size,
                                   norm_eps=self.config.rms_norm_eps, **epilogue)
         config = self.tuning.get(role) if self.tuning else None
-        gemv = int4_gemv_dp2a if role in self.dp2a_roles else int4_gemv
+        gemv = GEMV_KERNELS[self.role_kernels.get(role, W4A16)]
         return gemv(x, linear.qweight, linear.scales, linear.zeros, linear.group_size, config=config,
                     norm_eps=self.config.rms_norm_eps, release_early=role in self.early_release_roles, **epilogue)
 

@@ -5,8 +5,9 @@ start elsewhere. Tuning times every candidate tile on the model's own decode GEM
 with its norm, o with the residual, norm + gate/up + SiLU, down with the residual, the LM
 head), on fresh random INT4 weights rotated through more memory than L2 holds, after
 checking each candidate against ``int4_gemv_reference``; the fastest correct one wins.
-The profile's own choice is always a candidate. Candidates are of two kernels: the W4A16 GEMV,
-and the dp2a GEMV (``ffchat.kernels.dp2a_gemv``: x as int16 codes, the same result to ~1e-5).
+The profile's own choice is always a candidate. Candidates are of three kernels: the W4A16 GEMV,
+the dp2a GEMV (``ffchat.kernels.dp2a_gemv``: x as int16 codes, the same result to ~1e-5), and, for
+GEMVs without a fused norm whose shape it runs, the word-a-lane W4A16 GEMV (``ffchat.kernels.lane_gemv``).
 Timed alone, a GEMV only approximates its cost inside the captured step (PDL overlaps
 neighbours): on an H200 the 1B winners, each 0-2% faster alone, made the step 4% faster;
 another set, with one GEMV 7% faster alone, changed it by nothing (BENCHMARKS.md, 2026-12-02).
@@ -43,12 +44,12 @@ import triton
 
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
-from ffchat.kernels.dp2a_gemv import int4_gemv_dp2a
-from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv, int4_gemv_reference, pick_config, sm_count
+from ffchat.kernels.int4_gemv import GemvConfig, int4_gemv_reference, pick_config, sm_count
+from ffchat.kernels.lane_gemv import lane_gemv_fits
 from ffchat.kernels.megakernel import MegakernelConfig, registers_per_sm
 from ffchat.megakernel_backend import attention_splits, megakernel_tile
 from ffchat.profiles import GpuIdentity
-from ffchat.triton_backend import EARLY_RELEASE_ROLES
+from ffchat.triton_backend import DP2A, EARLY_RELEASE_ROLES, GEMV_KERNELS, LANES, W4A16
 from ffchat.tuning_cache import GemvProblem, MegakernelTuning, decode_problems, save_tuning, tuning_path
 
 MAX_REL_ERR = 1e-3  # a correct candidate measures ~3e-5 against the fp32 reference
@@ -83,7 +84,6 @@ MEGAKERNEL_ATTENTION_BLOCKS = (64, 32)
 MEGAKERNEL_CANDIDATES = 2 + 2 * len(MEGAKERNEL_GRIDS) * len(MEGAKERNEL_ATTENTION_BLOCKS)  # at most
 MEGAKERNEL_STEPS = 1 + MEGAKERNEL_CANDIDATES  # progress steps of the megakernel phase: the Triton step, candidates
 COMPILE_THREADS = min(16, os.cpu_count() or 1)
-W4A16, DP2A = "w4a16", "dp2a"  # the GEMV kernels a role can be tuned to
 # dp2a tiles tried (rows or, gated, outputs; inputs; warps; K slices): the best of a wider sweep on an H100 over the
 # 0.5B, 1B and 8B roles (BENCHMARKS.md, stop 25). Rows share the coding of x, so tiles run taller than W4A16's.
 DP2A_TILES = ((8, 2048, 4, 1), (16, 2048, 4, 1), (16, 2048, 8, 1), (16, 1024, 4, 1), (16, 1024, 8, 1),
@@ -103,11 +103,16 @@ DP2A_ROW_LOOPS = ((16, 2), (8, 2), (8, 4))
 ROW_LOOP_ROWS = 32768
 ROW_LOOP_HEAD_MAX_K = 4096
 ROW_LOOP_TILES = ((4096, 2, 16384), (2048, 4, 4096))
+# Word-a-lane tiles (inputs, warps, prefetch) for GEMVs without a fused norm or SwiGLU, 16 rows each: on an H100
+# the 8B down took 13.80 us at (2048, 8) against 14.60 for the best W4A16 or dp2a tile; the 8B o (4.70 dp2a against
+# 5.12), the 1B down and o lost (BENCHMARKS.md, stop 33).
+LANE_TILES = ((2048, 8, False), (2048, 8, True), (1024, 4, True))
 
 
 def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, GemvConfig]]:
     """(kernel, tile) pairs: the profile's W4A16 choice first, then a grid of W4A16 tiles around the measured
-    optimum of the H200 sweep, then the dp2a kernel's (the W4A8 table's choice, ``DP2A_TILES``, then ``row_loops``).
+    optimum of the H200 sweep, then the dp2a kernel's (the W4A8 table's choice, ``DP2A_TILES``, then ``row_loops``),
+    then the word-a-lane kernel's (``LANE_TILES``) where the GEMV has no fused norm and its shape fits.
 
     block_n counts outputs for a gated problem. Each candidate is shrunk to the problem like
     the profile's own, and duplicates are dropped.
@@ -127,7 +132,12 @@ def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, Ge
     def shrunk(cfg: GemvConfig) -> GemvConfig:
         return pick_config(problem.n, problem.k, problem.group_size, ((math.inf, math.inf, cfg),), gated=problem.gated)
 
-    return list(dict.fromkeys([(W4A16, shrunk(cfg)) for cfg in grid] + [(DP2A, shrunk(cfg)) for cfg in dp2a]))
+    lanes = [GemvConfig(block_n=16, block_k=block_k, num_warps=warps, prefetch=prefetch)
+             for block_k, warps, prefetch in LANE_TILES]
+    lanes = [cfg for cfg in lanes if not problem.norm and not problem.gated
+             and lane_gemv_fits(problem.n, problem.k, problem.group_size, cfg)]
+    return list(dict.fromkeys([(W4A16, shrunk(cfg)) for cfg in grid] + [(DP2A, shrunk(cfg)) for cfg in dp2a]
+                              + [(LANES, cfg) for cfg in lanes]))
 
 
 def row_loops(problem: GemvProblem, device: torch.device) -> list[GemvConfig]:
@@ -208,7 +218,7 @@ def graph_time(fn: Callable[[int], object], copies: int, repeats: int = 20) -> f
 class Contender:
     """A candidate that passed the reference check, and its time alone."""
 
-    kernel: str  # W4A16 or DP2A
+    kernel: str  # a name of ``GEMV_KERNELS``
     config: GemvConfig
     us: float
 
@@ -220,7 +230,7 @@ class ProblemResult:
     us: float
     profile_us: float
     rejected: int  # candidates that failed the reference check or did not compile
-    kernel: str = W4A16  # W4A16 or DP2A
+    kernel: str = W4A16  # a name of ``GEMV_KERNELS``
     runners_up: tuple[Contender, ...] = ()  # the step's other contenders for this role (``contenders``)
     release_early: bool = False  # the next launch becomes resident before this GEMV's wait (``ffchat.kernels.pdl``)
 
@@ -245,8 +255,7 @@ def contenders(timed: list[Contender]) -> list[Contender]:
 
 def run_gemv(kernel: str, x: torch.Tensor, weights: tuple, group_size: int, config: GemvConfig, **epilogue):
     """One decode GEMV as the Triton backend runs a role tuned to ``kernel``."""
-    gemv = int4_gemv_dp2a if kernel == DP2A else int4_gemv
-    return gemv(x, *weights, group_size, config=config, **epilogue)
+    return GEMV_KERNELS[kernel](x, *weights, group_size, config=config, **epilogue)
 
 
 def tune_problem(problem: GemvProblem, device: torch.device, on_candidate: Callable[[], None] = lambda: None
@@ -383,8 +392,7 @@ def settle_on_step(weights, results: list[ProblemResult], on_contender: Callable
     backend = TritonBackend(weights, max(TUNE_CONTEXTS) + 1)
 
     def use(chosen: list[ProblemResult]) -> None:
-        backend.use_kernels({r.problem.role: r.config for r in chosen},
-                            {r.problem.role for r in chosen if r.kernel == DP2A},
+        backend.use_kernels({r.problem.role: r.config for r in chosen}, {r.problem.role: r.kernel for r in chosen},
                             frozenset(r.problem.role for r in chosen if r.release_early))
 
     settled = list(results)

@@ -28,8 +28,9 @@ from ffchat.quantize.layout import choose_group_size
 # kernel (W4A16, or dp2a with its quantizing launch); 5: dp2a codes x itself (its tiles were timed another way);
 # 6: dp2a row loops (``programs_per_sm``) among the LM head's candidates; 7: and other GEMVs' of many row blocks;
 # 8: and of a row block an SM; 9: each role's choice settled by the whole step among its near ties; 10: and whether
-# a GEMV releases the next launch before its wait (``release_early``).
-FORMAT = 10
+# a GEMV releases the next launch before its wait (``release_early``); 11: the word-a-lane kernel ("lanes") among the
+# candidates of GEMVs without a fused norm.
+FORMAT = 11
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,8 @@ class MegakernelTuning:
 
 @dataclass(frozen=True)
 class Tuning:
-    """One cache file: ``GemvConfig`` fields and the kernel ("w4a16" or "dp2a") by role, the roles that release the
-    next launch before their wait; the megakernel's result when it was tuned too."""
+    """One cache file: ``GemvConfig`` fields and the kernel ("w4a16", "dp2a" or "lanes") by role, the roles that
+    release the next launch before their wait; the megakernel's result when it was tuned too."""
 
     date: str
     gemv: dict[str, dict]
@@ -158,8 +159,10 @@ def tuning_status(config: ModelConfig, group_size: int | None) -> str:
     tuning = load_tuning(identity, config, group_size)
     if tuning is None:
         return "not tuned on this GPU: the profile's tables (the first `ffchat run` tunes, or `ffchat tune`)"
-    dp2a = sorted(role for role, kernel in tuning.kernels.items() if kernel == "dp2a")
-    kernels = f"GEMVs on dp2a: {', '.join(dp2a)}; " if dp2a else ""
+    kernels = ""
+    for name, what in (("dp2a", "dp2a"), ("lanes", "the word-a-lane kernel")):
+        roles = sorted(role for role, kernel in tuning.kernels.items() if kernel == name)
+        kernels += f"GEMVs on {what}: {', '.join(roles)}; " if roles else ""
     if tuning.release_early:
         kernels += f"releasing the next launch before their wait: {', '.join(sorted(tuning.release_early))}; "
     return f"tuned on this GPU {tuning.date}; {kernels}{describe_megakernel(tuning.megakernel)} " \

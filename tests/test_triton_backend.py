@@ -145,30 +145,32 @@ def test_unsupported_models_are_refused_with_a_reason():
         TritonBackend(bf16, CONTEXT)
 
 
-def configs_passed_to(monkeypatch, module, name: str) -> list:
-    """Wrap ``module.name`` (a GEMV launcher) so every call's ``config`` is appended to the returned list."""
-    seen, real = [], getattr(module, name)
+def configs_passed_to(monkeypatch, kernel: str) -> list:
+    """Wrap the decode GEMV launcher the Triton backend runs for ``kernel`` (a name of ``GEMV_KERNELS``) so every
+    call's ``config`` is appended to the returned list."""
+    from ffchat import triton_backend
+
+    seen, real = [], triton_backend.GEMV_KERNELS[kernel]
 
     def spy(*args, config=None, **kwargs):
         seen.append(config)
         return real(*args, config=config, **kwargs)
 
-    monkeypatch.setattr(module, name, spy)
+    monkeypatch.setitem(triton_backend.GEMV_KERNELS, kernel, spy)
     return seen
 
 
 def test_tuned_tiles_reach_the_kernels_and_change_nothing_but_speed(monkeypatch):
     """Configs from `ffchat tune` go to the GEMV launches of their role; the logits stay the reference's."""
-    from ffchat import triton_backend
     from ffchat.kernels.int4_gemv import GemvConfig
 
     reference, triton = backends("llama", seed=4)
-    assert triton.tuning is None and triton.details == {"tuned": False, "dp2a_roles": [],  # no tuning cache on a CPU
+    assert triton.tuning is None and triton.details == {"tuned": False, "kernels": {},  # no tuning cache on a CPU
                                                         "early_release_roles": ["o"]}
     tiles = {"o": GemvConfig(block_n=4, block_k=32, num_warps=1), "down": GemvConfig(block_n=2, block_k=64,
                                                                                       num_warps=1)}
     triton.tuning = tiles
-    seen = configs_passed_to(monkeypatch, triton_backend, "int4_gemv")
+    seen = configs_passed_to(monkeypatch, "w4a16")
     for backend in (reference, triton):
         backend.prefill([3, 1, 4, 1, 5])
     seen.clear()  # the prefill's one GEMV, its LM head, is not a decode launch
@@ -181,18 +183,38 @@ def test_tuned_tiles_reach_the_kernels_and_change_nothing_but_speed(monkeypatch)
 def test_roles_tuned_to_dp2a_run_it_and_keep_the_logits(monkeypatch):
     """A role `ffchat tune` gave to the dp2a kernel launches it (x coded in the kernel) with its tile; the others keep
     the W4A16 kernel; the logits stay the reference's (int16 codes: ~1e-5)."""
-    from ffchat import triton_backend
     from ffchat.kernels.int4_gemv import GemvConfig
 
     reference, triton = backends("qwen2", seed=5)
     head = GemvConfig(block_n=4, block_k=32, num_warps=1)
-    triton.tuning, triton.dp2a_roles = {"head": head}, {"head", "down"}
-    seen = configs_passed_to(monkeypatch, triton_backend, "int4_gemv_dp2a")
+    triton.use_kernels({"head": head}, {"head": "dp2a", "down": "dp2a"})
+    seen = configs_passed_to(monkeypatch, "dp2a")
     for backend in (reference, triton):
         backend.prefill([2, 7, 1, 8])
     seen.clear()
     assert_close(triton.decode(6), reference.decode(6))
     assert seen == [None] * triton.config.num_layers + [head]  # down per layer (the profile's tile), the head
+
+
+def test_roles_tuned_to_the_word_a_lane_kernel_run_it_and_keep_the_logits(monkeypatch):
+    """A role `ffchat tune` gave to the word-a-lane kernel launches it with its tile (a shape it runs: group 128,
+    rows in 16s, K in whole tiles); the logits stay the reference's."""
+    from ffchat.kernels.int4_gemv import GemvConfig
+
+    config = ModelConfig.from_hf({**FAMILIES["llama"], "hidden_size": 256, "intermediate_size": 512,
+                                  "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 1,
+                                  "vocab_size": VOCAB_SIZE, "max_position_embeddings": MAX_POSITIONS})
+    weights = random_weights(config, label="lanes", int4=True, seed=6, group_size=128, device="cpu")
+    model = Transformer(config, CONTEXT, dtype=torch.float32)
+    model.load_state_dict(weights.reference_state_dict())
+    reference, triton = ReferenceBackend(model), TritonBackend(weights, CONTEXT, dtype=torch.float16)
+    tile = GemvConfig(block_n=16, block_k=256, num_warps=1)
+    triton.use_kernels({"o": tile, "down": tile}, {"o": "lanes", "down": "lanes"})
+    seen = configs_passed_to(monkeypatch, "lanes")
+    for backend in (reference, triton):
+        backend.prefill([2, 7, 1, 8])
+    assert_close(triton.decode(6), reference.decode(6))
+    assert seen == [tile, tile]  # o and down of the one layer
 
 
 def test_the_roles_tuned_to_release_early_launch_so_and_the_others_do_not(monkeypatch):
@@ -201,19 +223,19 @@ def test_the_roles_tuned_to_release_early_launch_so_and_the_others_do_not(monkey
     from ffchat import triton_backend
 
     _, triton = backends("llama", seed=6)
-    released, real = [], triton_backend.int4_gemv
+    released, real = [], triton_backend.GEMV_KERNELS["w4a16"]
 
     def spy(*args, release_early=False, **kwargs):
         released.append(release_early)
         return real(*args, release_early=release_early, **kwargs)
 
-    monkeypatch.setattr(triton_backend, "int4_gemv", spy)
+    monkeypatch.setitem(triton_backend.GEMV_KERNELS, "w4a16", spy)
     triton.prefill([3, 1, 4])
     layers = triton.config.num_layers
     for roles, per_layer in ((None, [False, True, False, False]), ({"qkv", "o"}, [True, True, False, False]),
                              (set(), [False] * 4)):
         if roles is not None:
-            triton.use_kernels(None, set(), frozenset(roles))
+            triton.use_kernels(None, {}, frozenset(roles))
         released.clear()
         triton.decode(2)
         assert released == per_layer * layers + [False], roles  # q/k/v, o, gate/up, down per layer; the head

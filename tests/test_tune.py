@@ -64,6 +64,20 @@ def test_candidates_start_with_the_profile_and_fit_the_problem(role):
         assert not (kernel == DP2A and cfg.prefetch), "prefetch is a W4A16 option"
 
 
+def test_word_a_lane_tiles_go_to_the_gemvs_without_a_norm_whose_shape_they_run():
+    """The 8B down and o get the word-a-lane tiles; GEMVs with a fused norm or SwiGLU, and the 0.5B down (K 4864 in
+    no whole tile), do not."""
+    problems = {p.role: p for p in decode_problems(shape_config("llama-3.1-8b"), 128)}
+    for role in ("down", "o"):
+        lanes = [cfg for kernel, cfg in candidates(problems[role], CPU) if kernel == tune.LANES]
+        assert lanes == [GemvConfig(16, block_k, warps, prefetch=prefetch) for block_k, warps, prefetch in
+                         tune.LANE_TILES]
+    for role in ("qkv", "gate_up", "head"):
+        assert tune.LANES not in {kernel for kernel, _ in candidates(problems[role], CPU)}
+    qwen_down = next(p for p in decode_problems(shape_config("qwen2.5-0.5b"), 128) if p.role == "down")
+    assert tune.LANES not in {kernel for kernel, _ in candidates(qwen_down, CPU)}
+
+
 def test_row_loops_go_to_lm_heads_and_gemvs_of_a_row_block_an_sm_with_all_of_k_in_one_tile(monkeypatch):
     monkeypatch.setattr(tune, "sm_count", lambda device: 132)  # an H100's
     problems = {p.role: p for p in decode_problems(shape_config("llama-3.2-1b"), 128)}
@@ -229,15 +243,16 @@ def test_the_table_says_where_the_step_chose_a_tile_not_fastest_alone():
 
 
 def test_show_names_the_roles_that_release_early(monkeypatch):
-    """`ffchat show`'s tuning line says which GEMVs let the next launch start before their wait."""
+    """`ffchat show`'s tuning line says which GEMVs run which kernel and which let the next launch start before their
+    wait."""
     monkeypatch.setattr(tuning_cache.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(GpuIdentity, "of", classmethod(lambda cls, device: GPU))
-    results = [dataclasses.replace(result(p, 8, DP2A), release_early=p.role in ("o", "qkv"))
-               for p in decode_problems(LLAMA_1B, 128)]
+    results = [dataclasses.replace(result(p, 8, tune.LANES if p.role == "down" else DP2A),
+                                   release_early=p.role in ("o", "qkv")) for p in decode_problems(LLAMA_1B, 128)]
     save_tuning(tuning_path(GPU, LLAMA_1B, 128), GPU, results, 1.0)
     status = tuning_cache.tuning_status(LLAMA_1B, 128)
-    assert "GEMVs on dp2a: down, gate_up, head, o, qkv; releasing the next launch before their wait: o, qkv;" \
-        in status
+    assert "GEMVs on dp2a: gate_up, head, o, qkv; GEMVs on the word-a-lane kernel: down; releasing the next launch " \
+           "before their wait: o, qkv;" in status
 
 
 class FakeBackend:
@@ -249,10 +264,10 @@ class FakeBackend:
     drift = 0.0
 
     def __init__(self, weights, context):
-        self.tuning, self.dp2a_roles, self.early_release_roles = None, set(), frozenset()
+        self.tuning, self.role_kernels, self.early_release_roles = None, {}, frozenset()
 
-    def use_kernels(self, tuning, dp2a_roles, early_release_roles):
-        self.tuning, self.dp2a_roles, self.early_release_roles = tuning, dp2a_roles, early_release_roles
+    def use_kernels(self, tuning, role_kernels, early_release_roles):
+        self.tuning, self.role_kernels, self.early_release_roles = tuning, role_kernels, early_release_roles
 
 
 def fake_median_step_us(backend, context, tokens, repeats):
@@ -260,7 +275,7 @@ def fake_median_step_us(backend, context, tokens, repeats):
     every step timed before: the GPU slowing down (or, negative, speeding up) while tune runs."""
     FakeBackend.steps += 1
     return FakeBackend.drift * FakeBackend.steps + sum(
-        FakeBackend.costs.get((role, DP2A if role in backend.dp2a_roles else W4A16, cfg.block_n), 10.0)
+        FakeBackend.costs.get((role, backend.role_kernels.get(role, W4A16), cfg.block_n), 10.0)
         + FakeBackend.early_costs.get(role, 0.0) * (role in backend.early_release_roles)
         for role, cfg in backend.tuning.items())
 

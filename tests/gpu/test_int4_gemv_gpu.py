@@ -240,3 +240,27 @@ def test_dp2a_row_loops_write_what_a_program_a_block_writes(n, k, block_n, warps
     assert rel_err(out, per_block) < 1e-3
     ref = int4_gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, norm_weight=norm_weight, gated=gated)
     assert rel_err(out, ref) < 1.5e-2
+
+
+LANE_SHAPES = [(2048, 2048), (2048, 8192), (4096, 4096), (4096, 14336)]  # the 1B's and the 8B's o and down
+
+
+@pytest.mark.parametrize("n, k", LANE_SHAPES, ids=[f"{n}x{k}" for n, k in LANE_SHAPES])
+def test_word_a_lane_gemv_matches_the_w4a16_kernel(gemv, n, k):
+    """Every tile `ffchat tune` offers it, compiled: its shuffles exchange the lanes the layout puts words on."""
+    from ffchat.kernels.lane_gemv import int4_gemv_lanes
+    from ffchat.tune import LANE_TILES
+
+    qweight, scales, zeros = weights(n, k, seed=3 * n + k)
+    x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    bias, residual = torch.randn(n, device="cuda").bfloat16(), torch.randn(n, device="cuda").bfloat16()
+    want = gemv.int4_gemv(x, qweight, scales, zeros, GROUP, bias=bias, residual=residual,
+                          out=torch.empty(n, device="cuda", dtype=torch.float32))
+    for block_k, warps, prefetch in LANE_TILES:
+        config = gemv.GemvConfig(16, block_k, warps, prefetch=prefetch)
+        out = torch.full((n,), float("nan"), device="cuda", dtype=torch.float32)
+        int4_gemv_lanes(x, qweight, scales, zeros, GROUP, config=config, bias=bias, residual=residual, out=out)
+        assert rel_err(out, want) < 1e-5, config
+        rounded = int4_gemv_lanes(x, qweight, scales, zeros, GROUP, config=config, bias=bias, residual=residual)
+        assert rel_err(rounded, gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, bias=bias,
+                                                          residual=residual)) < 1.5e-2, config

@@ -36,7 +36,7 @@ def test_tuned_tiles_are_cached_and_used(tmp_path, monkeypatch):
     assert load_tuning(GpuIdentity.of(torch.device("cuda")), config, 128).megakernel == mega
     weights = random_weights(config, label="tiny", int4=True)
     triton = TritonBackend(weights, 64)
-    assert triton.details == {"tuned": True, "dp2a_roles": sorted(r.problem.role for r in results if r.kernel == "dp2a"),
+    assert triton.details == {"tuned": True, "kernels": {r.problem.role: r.kernel for r in results},
                               "early_release_roles": sorted(r.problem.role for r in results if r.release_early)}
     assert "o" in triton.early_release_roles, "the O projection releases early in every tuning (not a contender)"
     assert set(triton.tuning) == {r.problem.role for r in results}

@@ -1,0 +1,201 @@
+"""Batch-1 INT4 GEMV for long rows without a fused norm: a word a lane, no barrier in the loop.
+
+Computes what ``int4_gemv`` does (y = W x + bias + residual, W4A16, the same nibble-to-float trick) for
+16 rows a program, but tiles the weights as [words, rows]: lane l of the program holds word j of
+the tile for all 16 rows. Why (BENCHMARKS.md, stop 33): compiled for sm_90, the [rows, words] tile of
+``int4_gemv`` moves x's nibble planes into its layout through shared memory and sums each group across
+lanes and warps, 26 block-wide barriers every 2048 inputs on the 8B down; here a lane loads its word's 8
+inputs with one 16-byte load and splits them in registers (the same lane-to-word map as the weights), and
+nothing crosses lanes until the group sums:
+
+* Per word and row, t starts at minus the planes' big term (16 X' with X' as in ``int4_gemv``) and 8
+  FFMAs add v x with x scaled by 16 (planes 0-3) or 256 (planes 4-7), leaving sum(q x) over the word.
+* A group (128 inputs, 16 words) is 16 lanes. Its 16 rows' sums are reduced with a transposing
+  butterfly: each of four steps sends half of a lane's row partials to the partner lane (``shfl.bfly``)
+  and adds the other half, 15 shuffles in all, and lane l ends with row bitrev4(l % 16)'s group sum.
+  So a lane loads one scale and one zero a group, not sixteen of each, and applies them once.
+* The shuffles act on hardware lanes, so the weight tile must put word j on lane j % 32: ``col`` is
+  declared non-contiguous (``tl.max_contiguous(.., 1)``), which makes Triton lay the tile out a word a
+  lane with the rows in registers (checked for sm_90 by a test). The interpreter swaps words instead.
+* The chunk loop is unrolled (``tl.static_range``): every load addresses its row pointer plus a constant,
+  so the loop spends no instructions on addresses.
+
+Restrictions, checked by the launcher: group size 128 (a group is 16 lanes, and 16 rows a program),
+N a multiple of 16, K a multiple of ``block_k``, ``block_k`` / 8 words a multiple of 32 (whole warps).
+``ffchat tune`` offers it to the GEMVs without a fused norm or SwiGLU, where it can apply.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ffchat.kernels.int4_gemv import (
+    HIGH_NIBBLE, LOW_NIBBLE, ONE_F32, GemvConfig, _nibble_pair, _rotate_left_19, _x_planes, check_gemv_inputs,
+)
+from ffchat.kernels.interpreter import interpreted
+from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
+
+LANE_ROWS = 16  # rows a program: one per lane of a 128-input group
+LANE_GROUP = 128  # the only group size: 16 words, 16 lanes
+
+
+@triton.jit
+def _partner(v, MASK: tl.constexpr, COLS: tl.constexpr, R: tl.constexpr, USE_ASM: tl.constexpr):
+    """v [COLS, R] as lane (word) col ^ MASK holds it: a butterfly shuffle, or a swap of words in the interpreter."""
+    if USE_ASM:
+        out = tl.inline_asm_elementwise(f"shfl.sync.bfly.b32 $0, $1, {MASK}, 0x1f, 0xffffffff;", "=f,f", [v],
+                                        dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        out = tl.reshape(tl.flip(tl.reshape(v, (COLS // (2 * MASK), 2, MASK, R)), 1), (COLS, R))
+    return out
+
+
+@triton.jit
+def _fold(v, lane_bit, MASK: tl.constexpr, COLS: tl.constexpr, R: tl.constexpr, USE_ASM: tl.constexpr):
+    """One transposing butterfly step, [COLS, R] -> [COLS, R // 2]: lanes with ``lane_bit`` keep their odd rows and
+    send the even ones to lane ^ MASK, the others the reverse; each adds what it keeps to what it receives."""
+    even, odd = tl.split(tl.reshape(v, (COLS, R // 2, 2)))
+    keep = tl.where(lane_bit, odd, even)
+    send = tl.where(lane_bit, even, odd)
+    return keep + _partner(send, MASK, COLS, R // 2, USE_ASM)
+
+
+@triton.jit
+def _bitrev4(i):
+    """i's low four bits reversed: the row a lane holds after the four folds."""
+    return ((i & 1) << 3) | ((i & 2) << 1) | ((i & 4) >> 1) | ((i & 8) >> 3)
+
+
+@triton.jit
+def _lane_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, high_mask, low_mask, one,
+    K: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """Rows 16 p .. 16 p + 15 of y for program p; K a constant, so every tile's loads are row pointer + offset."""
+    ROWS: tl.constexpr = 16
+    WORDS: tl.constexpr = 16  # words a group
+    COLS: tl.constexpr = BLOCK_K // 8  # words a tile: one a lane
+    GROUPS: tl.constexpr = BLOCK_K // 128
+    block = tl.program_id(0)
+    rows = block * ROWS + tl.arange(0, ROWS)
+    col = tl.max_contiguous(tl.arange(0, COLS), 1)  # no 16-byte vectors along a row: a word a lane
+    w_offs = col[:, None] + rows[None, :] * (K // 8)
+    x_offs = tl.arange(0, COLS)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    lane = tl.arange(0, COLS) % WORDS
+    sz_offs = (block * ROWS + _bitrev4(lane)) * (K // 128) + tl.arange(0, COLS) // WORDS  # a lane's row and group
+    bit3 = (lane & 8)[:, None] != 0
+    bit2 = (lane & 4)[:, None] != 0
+    bit1 = (lane & 2)[:, None] != 0
+    bit0 = (lane & 1)[:, None] != 0
+    w = tl.load(w_ptr + w_offs, eviction_policy="evict_first")
+    s = tl.load(s_ptr + sz_offs)
+    z = tl.load(z_ptr + sz_offs)
+    out_rows = block * ROWS + _bitrev4(tl.arange(0, WORDS))  # row of each lane of a group, after the folds
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + out_rows).to(tl.float32)
+    if RELEASE_EARLY:
+        release_dependents(PDL)
+    wait_for_inputs(PDL)
+    if not RELEASE_EARLY:
+        release_dependents(PDL)
+    res = 0.0
+    if HAS_RES:
+        res = tl.load(res_ptr + out_rows).to(tl.float32)
+    acc = tl.zeros((COLS,), dtype=tl.float32)
+    for c in tl.static_range(CHUNKS):
+        g0 = c * GROUPS
+        x8 = tl.load(x_ptr + x_offs + g0 * 128).to(tl.float32)
+        w_now, s_now, z_now = w, s, z
+        if c + 1 < CHUNKS:
+            if PREFETCH:  # the next tile's loads fly while this one is computed
+                w = tl.load(w_ptr + w_offs + (g0 + GROUPS) * WORDS, eviction_policy="evict_first")
+                s = tl.load(s_ptr + sz_offs + g0 + GROUPS)
+                z = tl.load(z_ptr + sz_offs + g0 + GROUPS)
+        x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x8, COLS)
+        x_high, x_low = (x0 + x1) + (x2 + x3), (x4 + x5) + (x6 + x7)
+        # As in int4_gemv, planes 0-3 land in the 1 + q/16 window and 4-7 in 1 + q/256; x is scaled by 16 and
+        # 256 so that t = sum(q x) after starting from minus the planes' big term.
+        t = tl.zeros((COLS, ROWS), dtype=tl.float32) - (16.0 * x_high + 256.0 * x_low)[:, None]
+        high, low = _nibble_pair(w_now << 3, high_mask, low_mask, one)  # planes 2, 5
+        t += high * (16.0 * x2)[:, None]
+        t += low * (256.0 * x5)[:, None]
+        high, low = _nibble_pair(w_now >> 5, high_mask, low_mask, one)  # planes 3, 6
+        t += high * (16.0 * x3)[:, None]
+        t += low * (256.0 * x6)[:, None]
+        high, low = _nibble_pair(w_now << 11, high_mask, low_mask, one)  # planes 1, 4
+        t += high * (16.0 * x1)[:, None]
+        t += low * (256.0 * x4)[:, None]
+        high, low = _nibble_pair(_rotate_left_19(w_now), high_mask, low_mask, one)  # planes 0, 7
+        t += high * (16.0 * x0)[:, None]
+        t += low * (256.0 * x7)[:, None]
+        t = _fold(t, bit3, 8, COLS, 16, USE_ASM)
+        t = _fold(t, bit2, 4, COLS, 8, USE_ASM)
+        t = _fold(t, bit1, 2, COLS, 4, USE_ASM)
+        t = _fold(t, bit0, 1, COLS, 2, USE_ASM)  # [COLS, 1]: sum(q x) of lane l's row over its group
+        x_group = (x_high + x_low)[:, None]  # the group's sum of x, on every lane of it
+        x_group += _partner(x_group, 8, COLS, 1, USE_ASM)
+        x_group += _partner(x_group, 4, COLS, 1, USE_ASM)
+        x_group += _partner(x_group, 2, COLS, 1, USE_ASM)
+        x_group += _partner(x_group, 1, COLS, 1, USE_ASM)
+        # sum((q - z) x) = sum(q x) - z X
+        acc += s_now.to(tl.float32) * tl.reshape(t - z_now.to(tl.float32)[:, None] * x_group, (COLS,))
+        if c + 1 < CHUNKS:
+            if not PREFETCH:  # once this tile is used: one tile of registers
+                w = tl.load(w_ptr + w_offs + (g0 + GROUPS) * WORDS, eviction_policy="evict_first")
+                s = tl.load(s_ptr + sz_offs + g0 + GROUPS)
+                z = tl.load(z_ptr + sz_offs + g0 + GROUPS)
+    y = tl.sum(tl.reshape(acc, (GROUPS, WORDS)), axis=0)  # position i: row bitrev4(i)
+    y += bias
+    y += res
+    tl.store(out_ptr + out_rows, y.to(out_ptr.dtype.element_ty))
+
+
+def lane_gemv_fits(n: int, k: int, group_size: int, config: GemvConfig) -> bool:
+    """Whether ``int4_gemv_lanes`` runs N x K with this tile (see the module doc's restrictions)."""
+    return (group_size == LANE_GROUP and config.block_n == LANE_ROWS and n % LANE_ROWS == 0
+            and config.block_k % 256 == 0 and k % config.block_k == 0 and config.split_k == 1 and not config.programs_per_sm and config.num_stages == 1)
+
+
+def int4_gemv_lanes(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    group_size: int,
+    *,
+    config: GemvConfig,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    release_early: bool = False,
+    norm_weight: torch.Tensor | None = None,
+    norm_eps: float = 1e-6,
+    gated: bool = False,
+) -> torch.Tensor:
+    """``int4_gemv``'s result (bias, residual, ``release_early`` as there), a word a lane; ``config.prefetch``
+    requests the next tile before computing the current one. ``norm_eps`` is accepted for a uniform call and
+    unused; a ``norm_weight`` or ``gated`` (no fused norm or SwiGLU here), or a shape or tile outside
+    ``lane_gemv_fits``, is an error."""
+    if norm_weight is not None or gated:
+        raise ValueError("int4_gemv_lanes has no fused RMSNorm or SwiGLU")
+    n, k = check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out)
+    if not lane_gemv_fits(n, k, group_size, config):
+        raise ValueError(f"int4_gemv_lanes: N={n}, K={k}, group {group_size} with {config} is outside what it runs "
+                         f"(group 128, 16 rows a program, N a multiple of 16, K a multiple of block_k, block_k a "
+                         f"multiple of 256, one K slice)")
+    if out is None:
+        out = torch.empty(n, dtype=x.dtype, device=x.device)
+    x, qweight, scales, zeros = (t.contiguous() for t in (x, qweight, scales, zeros))
+    _lane_gemv_kernel[(n // LANE_ROWS,)](
+        x, qweight, scales, zeros, bias if bias is not None else out, residual if residual is not None else out, out,
+        HIGH_NIBBLE, LOW_NIBBLE, ONE_F32, K=k, CHUNKS=k // config.block_k, BLOCK_K=config.block_k,
+        HAS_BIAS=bias is not None, HAS_RES=residual is not None, PREFETCH=config.prefetch,
+        RELEASE_EARLY=release_early, USE_ASM=not interpreted(_lane_gemv_kernel),  # inline asm cannot be interpreted
+        num_warps=config.num_warps, **launch_options(x.device),
+        **({"maxnreg": config.max_registers} if config.max_registers else {}),
+    )
+    return out
