@@ -487,7 +487,7 @@ def tune(config: ModelConfig, group_size: int, device: torch.device,
         save_tuning(path, identity, results, time.perf_counter() - started)
     mega = None
     if megakernel:
-        w4a16 = {r.problem.role: r.config for r in results if r.kernel == W4A16}  # the megakernel has no dp2a path
+        w4a16 = {r.problem.role: r.config for r in results if r.kernel == W4A16}  # the megakernel runs W4A16 tiles only
         mega = tune_megakernel(weights, device, w4a16, on_candidate)
         save_tuning(path, identity, results, time.perf_counter() - started, mega)
     return path, results, mega, time.perf_counter() - started
