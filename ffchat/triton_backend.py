@@ -160,7 +160,7 @@ class TritonBackend:
         self.role_kernels = {} if self.cached_tuning is None else dict(self.cached_tuning.kernels)
         self.early_release_roles = EARLY_RELEASE_ROLES if self.cached_tuning is None \
             else self.cached_tuning.release_early
-        self.details = {"tuned": self.tuning is not None, "kernels": self.role_kernels,
+        self.details = {"tuned": self.tuning is not None, "kernels": dict(self.role_kernels),
                         "early_release_roles": sorted(self.early_release_roles)}
 
     def use_kernels(self, tuning: dict[str, GemvConfig] | None, role_kernels: dict[str, str],

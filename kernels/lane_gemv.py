@@ -21,7 +21,8 @@ nothing crosses lanes until the group sums:
   so the loop spends no instructions on addresses.
 
 Restrictions, checked by the launcher: group size 128 (a group is 16 lanes, and 16 rows a program),
-N a multiple of 16, K a multiple of ``block_k``, ``block_k`` / 8 words a multiple of 32 (whole warps).
+N a multiple of 16, K a multiple of ``block_k``, and ``block_k`` / 8 words exactly one a lane of the
+program's warps (the layout the shuffles rely on, and the one the sm_90 test checks).
 ``ffchat tune`` offers it to the GEMVs without a fused norm or SwiGLU, where it can apply.
 """
 
@@ -157,7 +158,8 @@ def _lane_gemv_kernel(
 def lane_gemv_fits(n: int, k: int, group_size: int, config: GemvConfig) -> bool:
     """Whether ``int4_gemv_lanes`` runs N x K with this tile (see the module doc's restrictions)."""
     return (group_size == LANE_GROUP and config.block_n == LANE_ROWS and n % LANE_ROWS == 0
-            and config.block_k % 256 == 0 and k % config.block_k == 0 and config.split_k == 1 and not config.programs_per_sm and config.num_stages == 1)
+            and config.block_k == 256 * config.num_warps and k % config.block_k == 0 and config.split_k == 1
+            and not config.programs_per_sm and config.num_stages == 1)
 
 
 def int4_gemv_lanes(
@@ -185,8 +187,8 @@ def int4_gemv_lanes(
     n, k = check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out)
     if not lane_gemv_fits(n, k, group_size, config):
         raise ValueError(f"int4_gemv_lanes: N={n}, K={k}, group {group_size} with {config} is outside what it runs "
-                         f"(group 128, 16 rows a program, N a multiple of 16, K a multiple of block_k, block_k a "
-                         f"multiple of 256, one K slice)")
+                         f"(group 128, 16 rows a program, N a multiple of 16, K a multiple of block_k, block_k 256 "
+                         f"a warp, one K slice)")
     if out is None:
         out = torch.empty(n, dtype=x.dtype, device=x.device)
     x, qweight, scales, zeros = (t.contiguous() for t in (x, qweight, scales, zeros))

@@ -81,7 +81,8 @@ def test_what_fits():
     assert not lane_gemv_fits(4104, 14336, GROUP, tile), "N a multiple of 16"
     assert not lane_gemv_fits(4096, 4864, GROUP, tile), "K a multiple of block_k"
     assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(8, 2048, 8)), "16 rows a program"
-    assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(16, 128, 1)), "whole warps of words"
+    assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(16, 128, 1)), "a word a lane"
+    assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(16, 2048, 4)), "a word a lane, no more"
     assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(16, 1024, 4, split_k=2)), "one K slice"
 
 
