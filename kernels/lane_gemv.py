@@ -40,6 +40,8 @@ from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inpu
 
 LANE_ROWS = 16  # rows a program: one per lane of a 128-input group
 LANE_GROUP = 128  # the only group size: 16 words, 16 lanes
+_ROWS = tl.constexpr(LANE_ROWS)  # as the kernels see them (a jit function reads only constexpr globals)
+_GROUP = tl.constexpr(LANE_GROUP)
 
 
 @triton.jit
@@ -64,6 +66,14 @@ def _fold(v, lane_bit, MASK: tl.constexpr, COLS: tl.constexpr, R: tl.constexpr, 
 
 
 @triton.jit
+def _lane_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0, WORDS: tl.constexpr):
+    """The tile from group g0 on: a word of each of the 16 rows a lane (streamed: evict first), and the scale and
+    zero of each lane's row and group."""
+    w = tl.load(w_ptr + w_offs + g0 * WORDS, eviction_policy="evict_first")
+    return w, tl.load(s_ptr + sz_offs + g0), tl.load(z_ptr + sz_offs + g0)
+
+
+@triton.jit
 def _bitrev4(i):
     """i's low four bits reversed: the row a lane holds after the four folds."""
     return ((i & 1) << 3) | ((i & 2) << 1) | ((i & 4) >> 1) | ((i & 8) >> 3)
@@ -76,24 +86,22 @@ def _lane_gemv_kernel(
     PREFETCH: tl.constexpr, PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr, USE_ASM: tl.constexpr,
 ):
     """Rows 16 p .. 16 p + 15 of y for program p; K a constant, so every tile's loads are row pointer + offset."""
-    ROWS: tl.constexpr = 16
-    WORDS: tl.constexpr = 16  # words a group
+    ROWS: tl.constexpr = _ROWS
+    WORDS: tl.constexpr = _GROUP // 8  # words a group: one a row
     COLS: tl.constexpr = BLOCK_K // 8  # words a tile: one a lane
-    GROUPS: tl.constexpr = BLOCK_K // 128
+    GROUPS: tl.constexpr = BLOCK_K // _GROUP
     block = tl.program_id(0)
     rows = block * ROWS + tl.arange(0, ROWS)
     col = tl.max_contiguous(tl.arange(0, COLS), 1)  # no 16-byte vectors along a row: a word a lane
     w_offs = col[:, None] + rows[None, :] * (K // 8)
     x_offs = tl.arange(0, COLS)[:, None] * 8 + tl.arange(0, 8)[None, :]
     lane = tl.arange(0, COLS) % WORDS
-    sz_offs = (block * ROWS + _bitrev4(lane)) * (K // 128) + tl.arange(0, COLS) // WORDS  # a lane's row and group
+    sz_offs = (block * ROWS + _bitrev4(lane)) * (K // _GROUP) + tl.arange(0, COLS) // WORDS  # a lane's row and group
     bit3 = (lane & 8)[:, None] != 0
     bit2 = (lane & 4)[:, None] != 0
     bit1 = (lane & 2)[:, None] != 0
     bit0 = (lane & 1)[:, None] != 0
-    w = tl.load(w_ptr + w_offs, eviction_policy="evict_first")
-    s = tl.load(s_ptr + sz_offs)
-    z = tl.load(z_ptr + sz_offs)
+    w, s, z = _lane_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, 0, WORDS)
     out_rows = block * ROWS + _bitrev4(tl.arange(0, WORDS))  # row of each lane of a group, after the folds
     bias = 0.0
     if HAS_BIAS:
@@ -109,13 +117,11 @@ def _lane_gemv_kernel(
     acc = tl.zeros((COLS,), dtype=tl.float32)
     for c in tl.static_range(CHUNKS):
         g0 = c * GROUPS
-        x8 = tl.load(x_ptr + x_offs + g0 * 128).to(tl.float32)
+        x8 = tl.load(x_ptr + x_offs + g0 * _GROUP).to(tl.float32)
         w_now, s_now, z_now = w, s, z
         if c + 1 < CHUNKS:
             if PREFETCH:  # the next tile's loads fly while this one is computed
-                w = tl.load(w_ptr + w_offs + (g0 + GROUPS) * WORDS, eviction_policy="evict_first")
-                s = tl.load(s_ptr + sz_offs + g0 + GROUPS)
-                z = tl.load(z_ptr + sz_offs + g0 + GROUPS)
+                w, s, z = _lane_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, WORDS)
         x0, x1, x2, x3, x4, x5, x6, x7 = _x_planes(x8, COLS)
         x_high, x_low = (x0 + x1) + (x2 + x3), (x4 + x5) + (x6 + x7)
         # As in int4_gemv, planes 0-3 land in the 1 + q/16 window and 4-7 in 1 + q/256; x is scaled by 16 and
@@ -146,9 +152,7 @@ def _lane_gemv_kernel(
         acc += s_now.to(tl.float32) * tl.reshape(t - z_now.to(tl.float32)[:, None] * x_group, (COLS,))
         if c + 1 < CHUNKS:
             if not PREFETCH:  # once this tile is used: one tile of registers
-                w = tl.load(w_ptr + w_offs + (g0 + GROUPS) * WORDS, eviction_policy="evict_first")
-                s = tl.load(s_ptr + sz_offs + g0 + GROUPS)
-                z = tl.load(z_ptr + sz_offs + g0 + GROUPS)
+                w, s, z = _lane_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, WORDS)
     y = tl.sum(tl.reshape(acc, (GROUPS, WORDS)), axis=0)  # position i: row bitrev4(i)
     y += bias
     y += res
