@@ -48,7 +48,7 @@ from ffchat.tuning_cache import load_tuning
 # `ffchat tune` settles the q/k/v GEMV's order per shape by the whole step (``ffchat.tune.RELEASE_CONTENDERS``).
 EARLY_RELEASE_ROLES = frozenset({"o"})
 # The decode GEMV kernels `ffchat tune` chooses between, by the name its cache stores: W4A16 (the profile's, and
-# every untuned role's), dp2a (x as int16 codes) and the word-a-lane W4A16 for long rows without a fused norm.
+# every untuned role's), dp2a (x as int16 codes) and the word-a-lane W4A16.
 W4A16, DP2A, LANES = "w4a16", "dp2a", "lanes"
 GEMV_KERNELS = {W4A16: int4_gemv, DP2A: int4_gemv_dp2a, LANES: int4_gemv_lanes}
 

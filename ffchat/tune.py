@@ -7,7 +7,7 @@ head), on fresh random INT4 weights rotated through more memory than L2 holds, a
 checking each candidate against ``int4_gemv_reference``; the fastest correct one wins.
 The profile's own choice is always a candidate. Candidates are of three kernels: the W4A16 GEMV,
 the dp2a GEMV (``ffchat.kernels.dp2a_gemv``: x as int16 codes, the same result to ~1e-5), and, for
-GEMVs without a fused norm whose shape it runs, the word-a-lane W4A16 GEMV (``ffchat.kernels.lane_gemv``).
+GEMVs whose shape it runs, the word-a-lane W4A16 GEMV (``ffchat.kernels.lane_gemv``).
 Timed alone, a GEMV only approximates its cost inside the captured step (PDL overlaps
 neighbours): on an H200 the 1B winners, each 0-2% faster alone, made the step 4% faster;
 another set, with one GEMV 7% faster alone, changed it by nothing (BENCHMARKS.md, 2026-12-02).
@@ -103,7 +103,7 @@ DP2A_ROW_LOOPS = ((16, 2), (8, 2), (8, 4))
 ROW_LOOP_ROWS = 32768
 ROW_LOOP_HEAD_MAX_K = 4096
 ROW_LOOP_TILES = ((4096, 2, 16384), (2048, 4, 4096))
-# Word-a-lane tiles (inputs, warps, prefetch) for GEMVs without a fused norm or SwiGLU, 16 rows each: on an H100
+# Word-a-lane tiles (inputs, warps, prefetch), 16 weight rows each (gated: 8 outputs): on an H100
 # the 8B down took 13.80 us at (2048, 8) against 14.60 for the best W4A16 or dp2a tile; the 8B o (4.70 dp2a against
 # 5.12), the 1B down and o lost (BENCHMARKS.md, stop 33).
 LANE_TILES = ((2048, 8, False), (2048, 8, True), (1024, 4, True))
@@ -112,7 +112,7 @@ LANE_TILES = ((2048, 8, False), (2048, 8, True), (1024, 4, True))
 def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, GemvConfig]]:
     """(kernel, tile) pairs: the profile's W4A16 choice first, then a grid of W4A16 tiles around the measured
     optimum of the H200 sweep, then the dp2a kernel's (the W4A8 table's choice, ``DP2A_TILES``, then ``row_loops``),
-    then the word-a-lane kernel's (``LANE_TILES``) where the GEMV has no fused norm and its shape fits.
+    then the word-a-lane kernel's (``LANE_TILES``) where the GEMV's shape fits.
 
     block_n counts outputs for a gated problem. Each candidate is shrunk to the problem like
     the profile's own, and duplicates are dropped.
@@ -132,10 +132,10 @@ def candidates(problem: GemvProblem, device: torch.device) -> list[tuple[str, Ge
     def shrunk(cfg: GemvConfig) -> GemvConfig:
         return pick_config(problem.n, problem.k, problem.group_size, ((math.inf, math.inf, cfg),), gated=problem.gated)
 
-    lanes = [GemvConfig(block_n=16, block_k=block_k, num_warps=warps, prefetch=prefetch)
+    lanes = [GemvConfig(block_n=8 if problem.gated else 16, block_k=block_k, num_warps=warps, prefetch=prefetch)
              for block_k, warps, prefetch in LANE_TILES]
-    lanes = [cfg for cfg in lanes if not problem.norm and not problem.gated
-             and lane_gemv_fits(problem.n, problem.k, problem.group_size, cfg)]
+    lanes = [cfg for cfg in lanes if lane_gemv_fits(problem.n, problem.k, problem.group_size, cfg,
+                                                    gated=problem.gated)]
     return list(dict.fromkeys([(W4A16, shrunk(cfg)) for cfg in grid] + [(DP2A, shrunk(cfg)) for cfg in dp2a]
                               + [(LANES, cfg) for cfg in lanes]))
 

@@ -29,8 +29,8 @@ from ffchat.quantize.layout import choose_group_size
 # 6: dp2a row loops (``programs_per_sm``) among the LM head's candidates; 7: and other GEMVs' of many row blocks;
 # 8: and of a row block an SM; 9: each role's choice settled by the whole step among its near ties; 10: and whether
 # a GEMV releases the next launch before its wait (``release_early``); 11: the word-a-lane kernel ("lanes") among the
-# candidates of GEMVs without a fused norm.
-FORMAT = 11
+# candidates of GEMVs without a fused norm; 12: and of those with one (q/k/v, gate/up, the LM head).
+FORMAT = 12
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ class GemvConfig:
     """Launch parameters: tile of BLOCK_N rows x BLOCK_K inputs per iteration, K split in ``split_k`` slices.
 
     With ``gated`` BLOCK_N counts outputs: a program reads 2 * BLOCK_N weight rows (gate and up).
-    ``prefetch`` (W4A16 only): request tile c + 1 before computing tile c, holding two tiles in
+    ``prefetch`` (W4A16 and word-a-lane only): request tile c + 1 before computing tile c, holding two tiles in
     registers; it pays on long rows (many tiles per program) and costs on short ones.
     ``max_registers``: a per-thread register cap for ptxas (None: its own choice). A lower cap lets
     more programs share an SM, which hides more memory latency where the cap costs no spills.

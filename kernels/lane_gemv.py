@@ -1,7 +1,7 @@
-"""Batch-1 INT4 GEMV for long rows without a fused norm: a word a lane, no barrier in the loop.
+"""Batch-1 INT4 GEMV, a word a lane: no barrier in the loop.
 
-Computes what ``int4_gemv`` does (y = W x + bias + residual, W4A16, the same nibble-to-float trick) for
-16 rows a program, but tiles the weights as [words, rows]: lane l of the program holds word j of
+Computes what ``int4_gemv`` does (y = W x + bias + residual, W4A16, the same nibble-to-float trick, the
+fused RMSNorm and SwiGLU) for 16 rows a program, but tiles the weights as [words, rows]: lane l of the program holds word j of
 the tile for all 16 rows. Why (BENCHMARKS.md, stop 33): compiled for sm_90, the [rows, words] tile of
 ``int4_gemv`` moves x's nibble planes into its layout through shared memory and sums each group across
 lanes and warps, 26 block-wide barriers every 2048 inputs on the 8B down; here a lane loads its word's 8
@@ -19,11 +19,14 @@ nothing crosses lanes until the group sums:
   lane with the rows in registers (checked for sm_90 by a test). The interpreter swaps words instead.
 * The chunk loop is unrolled (``tl.static_range``): every load addresses its row pointer plus a constant,
   so the loop spends no instructions on addresses.
+* Fused RMSNorm (``norm_weight``): the statistic over all of K first (``rms_rstd``, as ``int4_gemv``), then each
+  chunk's x is normalized in the lanes that load it. SwiGLU (``gated``): a program's 16 rows are 8 gate rows and
+  the 8 matching up rows, so after the folds a gate row's sum and its up row's sit in neighbouring positions.
 
 Restrictions, checked by the launcher: group size 128 (a group is 16 lanes, and 16 rows a program),
-N a multiple of 16, K a multiple of ``block_k``, and ``block_k`` / 8 words exactly one a lane of the
+N a multiple of 16 weight rows, K a multiple of ``block_k``, and ``block_k`` / 8 words exactly one a lane of the
 program's warps (the layout the shuffles rely on, and the one the sm_90 test checks).
-``ffchat tune`` offers it to the GEMVs without a fused norm or SwiGLU, where it can apply.
+``ffchat tune`` offers it to the GEMVs where it can apply.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import triton.language as tl
 
 from ffchat.kernels.int4_gemv import (
     HIGH_NIBBLE, LOW_NIBBLE, ONE_F32, GemvConfig, _nibble_pair, _rotate_left_19, _x_planes, check_gemv_inputs,
+    fused_norm, rms_normalize, rms_rstd,
 )
 from ffchat.kernels.interpreter import interpreted
 from ffchat.kernels.pdl import launch_options, release_dependents, wait_for_inputs
@@ -80,32 +84,46 @@ def _bitrev4(i):
 
 
 @triton.jit
+def _weight_rows(r, block, HALF: tl.constexpr, GATED: tl.constexpr):
+    """The weight row of program ``block``'s tile row r (0-15): rows 16 block + r, or (GATED, [gate; up] rows with
+    HALF gate rows) gate row 8 block + r for r < 8 and the matching up row HALF + 8 block + r - 8."""
+    if GATED:
+        rows = block * (_ROWS // 2) + r % (_ROWS // 2) + (r // (_ROWS // 2)) * HALF
+    else:
+        rows = block * _ROWS + r
+    return rows
+
+
+@triton.jit
 def _lane_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, high_mask, low_mask, one,
-    K: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr, USE_ASM: tl.constexpr,
+    x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, res_ptr, out_ptr, high_mask, low_mask, one, nw_ptr, eps,
+    K: tl.constexpr, HALF: tl.constexpr, CHUNKS: tl.constexpr, BLOCK_K: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr, NORM_CHUNKS: tl.constexpr,
+    GATED: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, RELEASE_EARLY: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
-    """Rows 16 p .. 16 p + 15 of y for program p; K a constant, so every tile's loads are row pointer + offset."""
+    """Rows 16 p .. 16 p + 15 of y for program p (GATED: outputs 8 p .. 8 p + 7 from their gate and up rows);
+    K a constant, so every tile's loads are row pointer + offset."""
     ROWS: tl.constexpr = _ROWS
     WORDS: tl.constexpr = _GROUP // 8  # words a group: one a row
     COLS: tl.constexpr = BLOCK_K // 8  # words a tile: one a lane
     GROUPS: tl.constexpr = BLOCK_K // _GROUP
     block = tl.program_id(0)
-    rows = block * ROWS + tl.arange(0, ROWS)
+    rows = _weight_rows(tl.arange(0, ROWS), block, HALF, GATED)
     col = tl.max_contiguous(tl.arange(0, COLS), 1)  # no 16-byte vectors along a row: a word a lane
     w_offs = col[:, None] + rows[None, :] * (K // 8)
     x_offs = tl.arange(0, COLS)[:, None] * 8 + tl.arange(0, 8)[None, :]
     lane = tl.arange(0, COLS) % WORDS
-    sz_offs = (block * ROWS + _bitrev4(lane)) * (K // _GROUP) + tl.arange(0, COLS) // WORDS  # a lane's row and group
+    sz_offs = _weight_rows(_bitrev4(lane), block, HALF, GATED) * (K // _GROUP) + tl.arange(0, COLS) // WORDS
     bit3 = (lane & 8)[:, None] != 0
     bit2 = (lane & 4)[:, None] != 0
     bit1 = (lane & 2)[:, None] != 0
     bit0 = (lane & 1)[:, None] != 0
     w, s, z = _lane_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, 0, WORDS)
-    out_rows = block * ROWS + _bitrev4(tl.arange(0, WORDS))  # row of each lane of a group, after the folds
+    out_rows = _bitrev4(tl.arange(0, WORDS))  # tile row of each lane of a group, after the folds
     bias = 0.0
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + out_rows).to(tl.float32)
+        bias = tl.load(bias_ptr + _weight_rows(out_rows, block, HALF, GATED)).to(tl.float32)
     if RELEASE_EARLY:
         release_dependents(PDL)
     wait_for_inputs(PDL)
@@ -113,11 +131,17 @@ def _lane_gemv_kernel(
         release_dependents(PDL)
     res = 0.0
     if HAS_RES:
-        res = tl.load(res_ptr + out_rows).to(tl.float32)
+        res = tl.load(res_ptr + block * ROWS + out_rows).to(tl.float32)
+    rstd = 0.0
+    if NORM:  # the whole vector's statistic first: every program needs it for its first chunk
+        rstd = rms_rstd(x_ptr, K, eps, NORM_BLOCK, NORM_CHUNKS)
     acc = tl.zeros((COLS,), dtype=tl.float32)
     for c in tl.static_range(CHUNKS):
         g0 = c * GROUPS
-        x8 = tl.load(x_ptr + x_offs + g0 * _GROUP).to(tl.float32)
+        x8 = tl.load(x_ptr + x_offs + g0 * _GROUP)
+        if NORM:
+            x8 = rms_normalize(x8, rstd, tl.load(nw_ptr + x_offs + g0 * _GROUP))
+        x8 = x8.to(tl.float32)
         w_now, s_now, z_now = w, s, z
         if c + 1 < CHUNKS:
             if PREFETCH:  # the next tile's loads fly while this one is computed
@@ -153,15 +177,22 @@ def _lane_gemv_kernel(
         if c + 1 < CHUNKS:
             if not PREFETCH:  # once this tile is used: one tile of registers
                 w, s, z = _lane_tile(w_ptr, s_ptr, z_ptr, w_offs, sz_offs, g0 + GROUPS, WORDS)
-    y = tl.sum(tl.reshape(acc, (GROUPS, WORDS)), axis=0)  # position i: row bitrev4(i)
+    y = tl.sum(tl.reshape(acc, (GROUPS, WORDS)), axis=0)  # position i: tile row bitrev4(i)
     y += bias
-    y += res
-    tl.store(out_ptr + out_rows, y.to(out_ptr.dtype.element_ty))
+    if GATED:  # tile rows r and r + 8 (gate and up of one output) are positions 2j and 2j + 1
+        gate, up = tl.split(tl.reshape(y, (WORDS // 2, 2)))
+        tl.store(out_ptr + block * (ROWS // 2) + _bitrev4(2 * tl.arange(0, WORDS // 2)),
+                 (gate * tl.sigmoid(gate) * up).to(out_ptr.dtype.element_ty))
+    else:
+        y += res
+        tl.store(out_ptr + block * ROWS + out_rows, y.to(out_ptr.dtype.element_ty))
 
 
-def lane_gemv_fits(n: int, k: int, group_size: int, config: GemvConfig) -> bool:
-    """Whether ``int4_gemv_lanes`` runs N x K with this tile (see the module doc's restrictions)."""
-    return (group_size == LANE_GROUP and config.block_n == LANE_ROWS and n % LANE_ROWS == 0
+def lane_gemv_fits(n: int, k: int, group_size: int, config: GemvConfig, *, gated: bool = False) -> bool:
+    """Whether ``int4_gemv_lanes`` runs N x K (N weight rows) with this tile (see the module doc's restrictions);
+    ``gated``: block_n counts outputs, a gate and an up row each."""
+    rows = 2 * config.block_n if gated else config.block_n
+    return (group_size == LANE_GROUP and rows == LANE_ROWS and n % LANE_ROWS == 0
             and config.block_k == 256 * config.num_warps and k % config.block_k == 0 and config.split_k == 1
             and not config.programs_per_sm and config.num_stages == 1)
 
@@ -182,24 +213,25 @@ def int4_gemv_lanes(
     norm_eps: float = 1e-6,
     gated: bool = False,
 ) -> torch.Tensor:
-    """``int4_gemv``'s result (bias, residual, ``release_early`` as there), a word a lane; ``config.prefetch``
-    requests the next tile before computing the current one. ``norm_eps`` is accepted for a uniform call and
-    unused; a ``norm_weight`` or ``gated`` (no fused norm or SwiGLU here), or a shape or tile outside
-    ``lane_gemv_fits``, is an error."""
-    if norm_weight is not None or gated:
-        raise ValueError("int4_gemv_lanes has no fused RMSNorm or SwiGLU")
-    n, k = check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out)
-    if not lane_gemv_fits(n, k, group_size, config):
+    """``int4_gemv``'s result (bias, residual, ``norm_weight``, ``gated``, ``release_early`` as there), a word a
+    lane; ``config.prefetch`` requests the next tile before computing the current one. A shape or tile outside
+    ``lane_gemv_fits`` is an error."""
+    n_out, k = check_gemv_inputs(x, qweight, scales, zeros, group_size, bias, residual, out, gated=gated,
+                                 norm_weight=norm_weight)
+    n = qweight.shape[0]
+    if not lane_gemv_fits(n, k, group_size, config, gated=gated):
         raise ValueError(f"int4_gemv_lanes: N={n}, K={k}, group {group_size} with {config} is outside what it runs "
                          f"(group 128, 16 rows a program, N a multiple of 16, K a multiple of block_k, block_k 256 "
                          f"a warp, one K slice)")
     if out is None:
-        out = torch.empty(n, dtype=x.dtype, device=x.device)
+        out = torch.empty(n_out, dtype=x.dtype, device=x.device)
     x, qweight, scales, zeros = (t.contiguous() for t in (x, qweight, scales, zeros))
+    norm_args, norm = fused_norm(x, norm_weight, norm_eps)
     _lane_gemv_kernel[(n // LANE_ROWS,)](
         x, qweight, scales, zeros, bias if bias is not None else out, residual if residual is not None else out, out,
-        HIGH_NIBBLE, LOW_NIBBLE, ONE_F32, K=k, CHUNKS=k // config.block_k, BLOCK_K=config.block_k,
-        HAS_BIAS=bias is not None, HAS_RES=residual is not None, PREFETCH=config.prefetch,
+        HIGH_NIBBLE, LOW_NIBBLE, ONE_F32, *norm_args, K=k, HALF=n // 2 if gated else 0, CHUNKS=k // config.block_k,
+        BLOCK_K=config.block_k, HAS_BIAS=bias is not None, HAS_RES=residual is not None, GATED=gated, **norm,
+        PREFETCH=config.prefetch,
         RELEASE_EARLY=release_early, USE_ASM=not interpreted(_lane_gemv_kernel),  # inline asm cannot be interpreted
         num_warps=config.num_warps, **launch_options(x.device),
         **({"maxnreg": config.max_registers} if config.max_registers else {}),

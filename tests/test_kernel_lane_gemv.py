@@ -84,37 +84,57 @@ def test_what_fits():
     assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(16, 128, 1)), "a word a lane"
     assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(16, 2048, 4)), "a word a lane, no more"
     assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(16, 1024, 4, split_k=2)), "one K slice"
+    assert lane_gemv_fits(28672, 4096, GROUP, gemv.GemvConfig(8, 2048, 8), gated=True), "8 outputs: 8 gate and 8 up rows"
+    assert not lane_gemv_fits(28672, 4096, GROUP, tile, gated=True), "16 outputs are 32 rows"
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"norm_weight": True}, "no fused RMSNorm"),
-    ({"gated": True}, "no fused RMSNorm"),
-    ({"config": gemv.GemvConfig(16, 1024, 4)}, "outside what it runs"),
-    ({"group_size": 64}, "outside what it runs"),
-])
-def test_rejects_what_it_does_not_run(change, message):
+@pytest.mark.parametrize("n, k, block_k, gated, prefetch", [(32, 512, 256, False, False), (32, 1024, 512, True, True),
+                                                             (64, 1024, 256, True, False)])
+def test_a_fused_norm_and_swiglu_give_the_w4a16_kernels_outputs(n, k, block_k, gated, prefetch):
+    """With the RMSNorm (and SwiGLU: 8 gate and 8 up rows a program) fused, its fp32 outputs are int4_gemv's to the
+    order of the fp32 sums, and so are the rounded ones, bias included. (int4_gemv's own tests hold it to the
+    reference; on the CPU the interpreter truncates the normalized x to bf16, so that comparison needs their
+    truncating reference.)"""
+    qweight, scales, zeros = random_int4(n, k, GROUP, n + 3 * k, DEVICE)
+    x, bias = rand(k, torch.bfloat16, 12), rand(n, torch.bfloat16, 13)
+    fused = {"bias": bias, "norm_weight": rand(k, torch.bfloat16, 14), "norm_eps": 1e-5, "gated": gated}
+    outputs = n // 2 if gated else n
+    config = gemv.GemvConfig(8 if gated else 16, block_k, block_k // 256, prefetch=prefetch)
+    got = int4_gemv_lanes(x, qweight, scales, zeros, GROUP, config=config,
+                          out=torch.empty(outputs, dtype=torch.float32, device=DEVICE), **fused)
+    want = gemv.int4_gemv(x, qweight, scales, zeros, GROUP, out=torch.empty(outputs, device=DEVICE), **fused)
+    assert rel_err(got, want) < 1e-5
+    rounded = int4_gemv_lanes(x, qweight, scales, zeros, GROUP, config=config, **fused)
+    assert rounded.shape == (outputs,)
+    assert rel_err(rounded, gemv.int4_gemv(x, qweight, scales, zeros, GROUP, **fused)) < 1e-3
+
+
+@pytest.mark.parametrize("change", [{"config": gemv.GemvConfig(16, 1024, 4)}, {"group_size": 64},
+                                    {"gated": True}], ids=["tile", "group", "gated-rows"])
+def test_rejects_what_it_does_not_run(change):
+    """A tile of more words than lanes, group 64, or 16 outputs a program where gated means 8 (32 rows)."""
     n, k = 32, 512
     group = change.pop("group_size", GROUP)
     qweight, scales, zeros = random_int4(n, k, group, 10, DEVICE)
     x = rand(k, torch.bfloat16, 11)
-    if change.pop("norm_weight", False):
-        change["norm_weight"] = torch.ones(k, dtype=torch.bfloat16, device=DEVICE)
     kwargs = {"config": gemv.GemvConfig(16, 256, 1), **change}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="outside what it runs"):
         int4_gemv_lanes(x, qweight, scales, zeros, group, **kwargs)
 
 
 COMPILE_FOR_SM90 = textwrap.dedent("""
-    import inspect, re
+    import inspect, re, sys
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from ffchat.kernels.lane_gemv import _lane_gemv_kernel as kernel
     names = list(inspect.signature(kernel.fn).parameters)
-    constants = dict(K=14336, CHUNKS=7, BLOCK_K=2048, HAS_BIAS=False, HAS_RES=True, PREFETCH=False, PDL=True,
-                     RELEASE_EARLY=False, USE_ASM=True)
+    fused = sys.argv[1] == "gate_up"  # the 8B's gate/up (norm and SwiGLU), else its down
+    constants = dict(K=4096 if fused else 14336, HALF=14336 if fused else 0, CHUNKS=2 if fused else 7,
+                     BLOCK_K=2048, HAS_BIAS=False, HAS_RES=not fused, NORM=fused, NORM_BLOCK=4096 if fused else 1,
+                     NORM_CHUNKS=int(fused), GATED=fused, PREFETCH=False, PDL=True, RELEASE_EARLY=False, USE_ASM=True)
     types = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "bias_ptr": "*bf16",
-             "res_ptr": "*bf16", "out_ptr": "*bf16"}
+             "res_ptr": "*bf16", "out_ptr": "*bf16", "nw_ptr": "*bf16", "eps": "fp32"}
     signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
     source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constants.items()},
                        attrs={(names.index(n),): [["tt.divisibility", 16]] for n in types})
@@ -126,11 +146,13 @@ COMPILE_FOR_SM90 = textwrap.dedent("""
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="the CPU tier's check; on a GPU the kernel's own results are tested")
-def test_compiled_for_sm90_a_lane_holds_one_word_of_every_row():
+@pytest.mark.parametrize("role", ["down", "gate_up"])
+def test_compiled_for_sm90_a_lane_holds_one_word_of_every_row(role):
     """The shuffles exchange hardware lanes, so the tile must put word j on lane j % 32 with its 16 rows in that
-    lane's registers: compiled here for sm_90 (as tune's launches on an H100 are), its layout says so."""
+    lane's registers: compiled here for sm_90 (as tune's launches on an H100 are), its layout says so, plain (the
+    8B down) and with the norm and SwiGLU fused (the 8B gate/up)."""
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], capture_output=True, text=True, env=env,
+    done = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90, role], capture_output=True, text=True, env=env,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     layout = done.stdout.strip()

@@ -197,8 +197,8 @@ def test_roles_tuned_to_dp2a_run_it_and_keep_the_logits(monkeypatch):
 
 
 def test_roles_tuned_to_the_word_a_lane_kernel_run_it_and_keep_the_logits(monkeypatch):
-    """A role `ffchat tune` gave to the word-a-lane kernel launches it with its tile (a shape it runs: group 128,
-    rows in 16s, K in whole tiles); the logits stay the reference's."""
+    """Roles `ffchat tune` gave to the word-a-lane kernel launch it with their tiles (shapes it runs: group 128,
+    rows in 16s, K in whole tiles), the fused norm and SwiGLU included; the logits stay the reference's."""
     from ffchat.kernels.int4_gemv import GemvConfig
 
     config = ModelConfig.from_hf({**FAMILIES["llama"], "hidden_size": 256, "intermediate_size": 512,
@@ -208,13 +208,14 @@ def test_roles_tuned_to_the_word_a_lane_kernel_run_it_and_keep_the_logits(monkey
     model = Transformer(config, CONTEXT, dtype=torch.float32)
     model.load_state_dict(weights.reference_state_dict())
     reference, triton = ReferenceBackend(model), TritonBackend(weights, CONTEXT, dtype=torch.float16)
-    tile = GemvConfig(block_n=16, block_k=256, num_warps=1)
-    triton.use_kernels({"o": tile, "down": tile}, {"o": "lanes", "down": "lanes"})
+    tile, gated = GemvConfig(block_n=16, block_k=256, num_warps=1), GemvConfig(block_n=8, block_k=256, num_warps=1)
+    roles = ("qkv", "o", "gate_up", "down")
+    triton.use_kernels({role: gated if role == "gate_up" else tile for role in roles}, dict.fromkeys(roles, "lanes"))
     seen = configs_passed_to(monkeypatch, "lanes")
     for backend in (reference, triton):
         backend.prefill([2, 7, 1, 8])
     assert_close(triton.decode(6), reference.decode(6))
-    assert seen == [tile, tile]  # o and down of the one layer
+    assert seen == [tile, tile, gated, tile]  # the four GEMVs of the one layer
 
 
 def test_the_roles_tuned_to_release_early_launch_so_and_the_others_do_not(monkeypatch):

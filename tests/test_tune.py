@@ -64,18 +64,17 @@ def test_candidates_start_with_the_profile_and_fit_the_problem(role):
         assert not (kernel == DP2A and cfg.prefetch), "prefetch is a W4A16 option"
 
 
-def test_word_a_lane_tiles_go_to_the_gemvs_without_a_norm_whose_shape_they_run():
-    """The 8B down and o get the word-a-lane tiles; GEMVs with a fused norm or SwiGLU, and the 0.5B down (K 4864 in
-    no whole tile), do not."""
-    problems = {p.role: p for p in decode_problems(shape_config("llama-3.1-8b"), 128)}
-    for role in ("down", "o"):
-        lanes = [cfg for kernel, cfg in candidates(problems[role], CPU) if kernel == tune.LANES]
-        assert lanes == [GemvConfig(16, block_k, warps, prefetch=prefetch) for block_k, warps, prefetch in
-                         tune.LANE_TILES]
-    for role in ("qkv", "gate_up", "head"):
-        assert tune.LANES not in {kernel for kernel, _ in candidates(problems[role], CPU)}
-    qwen_down = next(p for p in decode_problems(shape_config("qwen2.5-0.5b"), 128) if p.role == "down")
-    assert tune.LANES not in {kernel for kernel, _ in candidates(qwen_down, CPU)}
+def test_word_a_lane_tiles_go_to_every_gemv_whose_shape_they_run():
+    """Every 8B GEMV gets the word-a-lane tiles (gate/up's count outputs, 8 gate and 8 up rows); the 0.5B down (K 4864
+    in no whole tile) and the 0.5B q/k/v (1152 rows of 896: a 1024- or 2048-input tile) do not."""
+    for problem in decode_problems(shape_config("llama-3.1-8b"), 128):
+        lanes = [cfg for kernel, cfg in candidates(problem, CPU) if kernel == tune.LANES]
+        rows = 8 if problem.gated else 16
+        assert lanes == [GemvConfig(rows, block_k, warps, prefetch=prefetch) for block_k, warps, prefetch in
+                         tune.LANE_TILES], problem.role
+    for problem in decode_problems(shape_config("qwen2.5-0.5b"), 128):
+        if problem.role in ("down", "qkv"):
+            assert tune.LANES not in {kernel for kernel, _ in candidates(problem, CPU)}, problem.role
 
 
 def test_row_loops_go_to_lm_heads_and_gemvs_of_a_row_block_an_sm_with_all_of_k_in_one_tile(monkeypatch):

@@ -264,3 +264,27 @@ def test_word_a_lane_gemv_matches_the_w4a16_kernel(gemv, n, k):
         rounded = int4_gemv_lanes(x, qweight, scales, zeros, GROUP, config=config, bias=bias, residual=residual)
         assert rel_err(rounded, gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, bias=bias,
                                                           residual=residual)) < 1.5e-2, config
+
+
+NORMED_LANE_SHAPES = [(3072, 2048, False), (16384, 2048, True), (6144, 4096, False), (28672, 4096, True)]
+
+
+@pytest.mark.parametrize("n, k, gated", NORMED_LANE_SHAPES,
+                         ids=[f"{n}x{k}{'-gated' if g else ''}" for n, k, g in NORMED_LANE_SHAPES])
+def test_word_a_lane_gemv_with_a_fused_norm_matches_the_w4a16_kernel(gemv, n, k, gated):
+    """The 1B's and 8B's q/k/v and gate/up (fused RMSNorm, and SwiGLU on gate/up), every offered tile, compiled."""
+    from ffchat.kernels.lane_gemv import int4_gemv_lanes
+    from ffchat.tune import LANE_TILES
+
+    qweight, scales, zeros = weights(n, k, seed=5 * n + k)
+    x = torch.randn(k, device="cuda", dtype=torch.bfloat16)
+    norm = {"norm_weight": torch.rand(k, device="cuda").bfloat16() + 0.5, "norm_eps": 1e-5, "gated": gated}
+    outputs = n // 2 if gated else n
+    want = gemv.int4_gemv(x, qweight, scales, zeros, GROUP, out=torch.empty(outputs, device="cuda"), **norm)
+    for block_k, warps, prefetch in LANE_TILES:
+        config = gemv.GemvConfig(8 if gated else 16, block_k, warps, prefetch=prefetch)
+        out = torch.full((outputs,), float("nan"), device="cuda", dtype=torch.float32)
+        int4_gemv_lanes(x, qweight, scales, zeros, GROUP, config=config, out=out, **norm)
+        assert rel_err(out, want) < 1e-5, config
+        rounded = int4_gemv_lanes(x, qweight, scales, zeros, GROUP, config=config, **norm)
+        assert rel_err(rounded, gemv.int4_gemv_reference(x, qweight, scales, zeros, GROUP, **norm)) < 1.5e-2, config
