@@ -1,8 +1,8 @@
 """Batch-1 INT4 GEMV, a word a lane: no barrier in the loop.
 
 Computes what ``int4_gemv`` does (y = W x + bias + residual, W4A16, the same nibble-to-float trick, the
-fused RMSNorm and SwiGLU) for 16 rows a program, but tiles the weights as [words, rows]: lane l of the program holds word j of
-the tile for all 16 rows. Why (BENCHMARKS.md, stop 33): compiled for sm_90, the [rows, words] tile of
+fused RMSNorm and SwiGLU) for 16 rows a program, but tiles the weights as [words, rows]: lane l of the
+program holds word j of the tile for all 16 rows. Why (BENCHMARKS.md, stop 33): compiled for sm_90, the [rows, words] tile of
 ``int4_gemv`` moves x's nibble planes into its layout through shared memory and sums each group across
 lanes and warps, 26 block-wide barriers every 2048 inputs on the 8B down; here a lane loads its word's 8
 inputs with one 16-byte load and splits them in registers (the same lane-to-word map as the weights), and

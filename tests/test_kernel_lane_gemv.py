@@ -84,7 +84,7 @@ def test_what_fits():
     assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(16, 128, 1)), "a word a lane"
     assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(16, 2048, 4)), "a word a lane, no more"
     assert not lane_gemv_fits(4096, 4096, GROUP, gemv.GemvConfig(16, 1024, 4, split_k=2)), "one K slice"
-    assert lane_gemv_fits(28672, 4096, GROUP, gemv.GemvConfig(8, 2048, 8), gated=True), "8 outputs: 8 gate and 8 up rows"
+    assert lane_gemv_fits(28672, 4096, GROUP, gemv.GemvConfig(8, 2048, 8), gated=True), "8 gate and 8 up rows"
     assert not lane_gemv_fits(28672, 4096, GROUP, tile, gated=True), "16 outputs are 32 rows"
 
 
