@@ -114,6 +114,7 @@ def _lane_gemv_kernel(
     w_offs = col[:, None] + rows[None, :] * (K // 8)
     x_offs = tl.arange(0, COLS)[:, None] * 8 + tl.arange(0, 8)[None, :]
     lane = tl.arange(0, COLS) % WORDS
+    # a lane's scale and zero: those of the row it holds after the folds, in its word's group
     sz_offs = _weight_rows(_bitrev4(lane), block, HALF, GATED) * (K // _GROUP) + tl.arange(0, COLS) // WORDS
     bit3 = (lane & 8)[:, None] != 0
     bit2 = (lane & 4)[:, None] != 0
