@@ -266,13 +266,15 @@ def test_word_a_lane_gemv_matches_the_w4a16_kernel(gemv, n, k):
                                                           residual=residual)) < 1.5e-2, config
 
 
-NORMED_LANE_SHAPES = [(3072, 2048, False), (16384, 2048, True), (6144, 4096, False), (28672, 4096, True)]
+NORMED_LANE_SHAPES = [(3072, 2048, False), (16384, 2048, True), (6144, 4096, False), (28672, 4096, True),
+                      (128256, 4096, False)]
 
 
 @pytest.mark.parametrize("n, k, gated", NORMED_LANE_SHAPES,
                          ids=[f"{n}x{k}{'-gated' if g else ''}" for n, k, g in NORMED_LANE_SHAPES])
 def test_word_a_lane_gemv_with_a_fused_norm_matches_the_w4a16_kernel(gemv, n, k, gated):
-    """The 1B's and 8B's q/k/v and gate/up (fused RMSNorm, and SwiGLU on gate/up), every offered tile, compiled."""
+    """The 1B's and 8B's q/k/v and gate/up (fused RMSNorm, and SwiGLU on gate/up) and the 8B's LM head (fp32 logits,
+    as the backend stores them), every offered tile, compiled."""
     from ffchat.kernels.lane_gemv import int4_gemv_lanes
     from ffchat.tune import LANE_TILES
 
