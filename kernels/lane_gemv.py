@@ -2,11 +2,11 @@
 
 Computes what ``int4_gemv`` does (y = W x + bias + residual, W4A16, the same nibble-to-float trick, the
 fused RMSNorm and SwiGLU) for 16 rows a program, but tiles the weights as [words, rows]: lane l of the
-program holds word j of the tile for all 16 rows. Why (BENCHMARKS.md, stop 33): compiled for sm_90, the [rows, words] tile of
-``int4_gemv`` moves x's nibble planes into its layout through shared memory and sums each group across
-lanes and warps, 26 block-wide barriers every 2048 inputs on the 8B down; here a lane loads its word's 8
-inputs with one 16-byte load and splits them in registers (the same lane-to-word map as the weights), and
-nothing crosses lanes until the group sums:
+program holds word j of the tile for all 16 rows. Why (BENCHMARKS.md, stop 33): compiled for sm_90, the
+[rows, words] tile of ``int4_gemv`` moves x's nibble planes into its layout through shared memory and sums
+each group across lanes and warps, 26 block-wide barriers every 2048 inputs on the 8B down; here a lane
+loads its word's 8 inputs with one 16-byte load and splits them in registers (the same lane-to-word map as
+the weights), and nothing crosses lanes until the group sums:
 
 * Per word and row, t starts at minus the planes' big term (16 X' with X' as in ``int4_gemv``) and 8
   FFMAs add v x with x scaled by 16 (planes 0-3) or 256 (planes 4-7), leaving sum(q x) over the word.
@@ -222,8 +222,8 @@ def int4_gemv_lanes(
     n = qweight.shape[0]
     if not lane_gemv_fits(n, k, group_size, config, gated=gated):
         raise ValueError(f"int4_gemv_lanes: N={n}, K={k}, group {group_size} with {config} is outside what it runs "
-                         f"(group 128, 16 rows a program, N a multiple of 16, K a multiple of block_k, block_k 256 "
-                         f"a warp, one K slice)")
+                         f"(group 128, 16 rows a program (gated: 8 outputs), N a multiple of 16, K a multiple of "
+                         f"block_k, block_k 256 a warp, one K slice)")
     if out is None:
         out = torch.empty(n_out, dtype=x.dtype, device=x.device)
     x, qweight, scales, zeros = (t.contiguous() for t in (x, qweight, scales, zeros))
