@@ -106,7 +106,8 @@ ROW_LOOP_TILES = ((4096, 2, 16384), (2048, 4, 4096))
 # Word-a-lane tiles (inputs, warps, prefetch), 16 weight rows each (gated: 8 outputs). Tuned on an H100 the 8B took
 # them for q/k/v (6.44 us against dp2a's 6.54), down (13.02-13.15 at (2048, 8) against W4A16's 14.44) and the LM head
 # (93.55 at (1024, 4) against 95.82), the 1B for o (1.81 against 2.07); dp2a kept the 8B o and gate/up and the 1B's
-# other roles (BENCHMARKS.md, stops 33 and 34).
+# other roles; against those roles' runners-up the 8B step was 2.1-2.6% shorter, alternating processes (BENCHMARKS.md,
+# stops 33-35).
 LANE_TILES = ((2048, 8, False), (2048, 8, True), (1024, 4, True))
 
 

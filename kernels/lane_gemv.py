@@ -232,8 +232,8 @@ def int4_gemv_lanes(
         x, qweight, scales, zeros, bias if bias is not None else out, residual if residual is not None else out, out,
         HIGH_NIBBLE, LOW_NIBBLE, ONE_F32, *norm_args, K=k, HALF=n // 2 if gated else 0, CHUNKS=k // config.block_k,
         BLOCK_K=config.block_k, HAS_BIAS=bias is not None, HAS_RES=residual is not None, GATED=gated, **norm,
-        PREFETCH=config.prefetch,
-        RELEASE_EARLY=release_early, USE_ASM=not interpreted(_lane_gemv_kernel),  # inline asm cannot be interpreted
+        PREFETCH=config.prefetch, RELEASE_EARLY=release_early,
+        USE_ASM=not interpreted(_lane_gemv_kernel),  # inline asm cannot be interpreted
         num_warps=config.num_warps, **launch_options(x.device),
         **({"maxnreg": config.max_registers} if config.max_registers else {}),
     )
