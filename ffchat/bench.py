@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 
 from ffchat import __version__
-from ffchat.backend import Backend
+from ffchat.backend import CHAIN_LENGTH, Backend
 from ffchat.errors import FfchatError
 from ffchat.generate import Generator
 from ffchat.profiles import profile_for_device
@@ -402,10 +402,10 @@ def time_cached_decode(backend: Backend, context: int, tokens: list[int], steps:
 
 
 def time_generation(backend: Backend, tokenizer: Tokenizer | SilentTokenizer, prompt: list[int],
-                    params: SamplingParams, count: int) -> dict:
+                    params: SamplingParams, count: int, chain_length: int | None = CHAIN_LENGTH) -> dict:
     """Tokens per second of ``ffchat run``'s generation loop (host time, everything included) for ``count`` tokens
-    after ``prompt``, from the answer's own timing; one warm-up answer first."""
-    generator = Generator(backend, tokenizer)
+    after ``prompt``, from the answer's own timing; one warm-up answer first. ``chain_length``: ``Generator``'s."""
+    generator = Generator(backend, tokenizer, chain_length)
     for _ in range(2):
         backend.rewind(0)
         generator.cached.clear()
@@ -413,7 +413,7 @@ def time_generation(backend: Backend, tokenizer: Tokenizer | SilentTokenizer, pr
             pass
     done = generator.last
     return {"prompt_tokens": len(prompt), "tokens": done.completion_tokens, "tok_per_s": done.decode_tokens_per_s,
-            "finish_reason": done.finish_reason}
+            "finish_reason": done.finish_reason, "chain_length": generator.chain_length}
 
 
 def time_prefill(backend: Backend, prompt: list[int], repeats: int) -> tuple[list[float], list[float]]:

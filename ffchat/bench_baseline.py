@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ffchat.backend import check_prompt_fits, check_rewind, check_room_for_token
+from ffchat.backend import check_prompt_fits, check_rewind, check_room_for_tokens
 from ffchat.errors import FfchatError
 from ffchat.model import apply_rope, rms_norm, rope_tables
 from ffchat.quantize.layout import unpack_int4
@@ -205,7 +205,7 @@ class TorchCompileBackend:
 
     @torch.no_grad()
     def decode(self, token: int | Tensor) -> Tensor:
-        check_room_for_token(self)
+        check_room_for_tokens(self)
         if isinstance(token, Tensor):
             self._token.copy_(token)
         else:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence
 
 import torch
 
-from ffchat.backend import Backend
+from ffchat.backend import CHAIN_LENGTH, Backend
 from ffchat.errors import FfchatError
 from ffchat.sampling import Choices, Pick, Sampler, SamplingParams
 
@@ -140,9 +140,15 @@ class _Answer:
 class Generator:
     """Streams answers from a backend, reusing its KV cache across turns."""
 
-    def __init__(self, backend: Backend, tokenizer: Tokenizer):
+    def __init__(self, backend: Backend, tokenizer: Tokenizer, chain_length: int | None = CHAIN_LENGTH):
+        """``chain_length``: tokens a backend that chains steps (``ChainingBackend``) decodes a call, at most
+        ``CHAIN_LENGTH``; None decodes one step a call whatever the backend (benchmarks compare the two), as
+        a backend that does not chain always does."""
+        if chain_length is not None and not 1 <= chain_length <= CHAIN_LENGTH:
+            raise ValueError(f"chain_length must be None or 1 to {CHAIN_LENGTH}, not {chain_length}")
         self.backend = backend
         self.tokenizer = tokenizer
+        self.chain_length = chain_length if hasattr(backend, "decode_chain") else None
         self.cached: list[int] = []  # the tokens in the backend's KV cache, in order
         self.choices = Choices()  # the sampler's device work, captured once per setting across answers
         self.last: Completion | None = None
@@ -186,38 +192,47 @@ class Generator:
             )
 
     def _generate(self, answer: _Answer) -> Iterator[str]:
-        """Pick each token on the device and queue the step that reads it before the host learns it.
+        """Pick tokens on the device and queue the steps that read them before the host learns them.
 
-        So the GPU computes token n + 1 while the host shows token n (and checks it for an end):
-        the host's time per token hides behind the GPU's. A step queued for a token that ends the
-        answer is wasted work, forgotten by the rewind in ``stream``.
+        So the GPU computes the next tokens while the host shows these (and checks them for an end):
+        the host's time per token hides behind the GPU's. Steps queued past a token that ends the
+        answer are wasted work, forgotten by the rewind in ``stream``.
         """
         eos = set(self.tokenizer.eos_token_ids)
         pick = answer.sampler.pick(self._prefill(answer))
         while True:
-            logits = self._decode_ahead(answer, pick)
-            token = pick.value()
-            self._timestamp(answer)
-            if token in eos:
-                answer.finish_reason = "stop"
-                return
-            answer.tokens.append(token)
-            text = answer.text_of(token)
-            if text:
-                yield text
-            reason = self._finish_reason(answer)
-            if reason:
-                answer.finish_reason = reason
-                return
-            self.cached.append(token)
-            pick = answer.sampler.pick(logits)
+            ahead = self._decode_ahead(answer, pick)
+            for token in pick.values():
+                self._timestamp(answer)
+                if token in eos:
+                    answer.finish_reason = "stop"
+                    return
+                answer.tokens.append(token)
+                text = answer.text_of(token)
+                if text:
+                    yield text
+                reason = self._finish_reason(answer)
+                if reason:
+                    answer.finish_reason = reason
+                    return
+                self.cached.append(token)
+            assert ahead is not None, "_decode_ahead queues nothing only when these tokens end the answer"
+            pick = ahead
 
-    def _decode_ahead(self, answer: _Answer, pick: Pick) -> torch.Tensor | None:
-        """Queue the decode of the picked token unless it cannot be needed: the answer's last token, or no room."""
-        last = answer.max_tokens is not None and answer.generated + 1 >= answer.max_tokens
-        if last or self.backend.position >= self.backend.context_length:
+    def _decode_ahead(self, answer: _Answer, pick: Pick) -> Pick | None:
+        """Queue the decode of the last picked token and the picks after it, unless none can be needed: the
+        answer's last token is picked, or the context is full. A backend that chains steps
+        (``ChainingBackend``) decodes ``chain_length`` tokens a call while that many fit and are wanted."""
+        wanted = len(pick.tokens) + answer.generated
+        room = self.backend.context_length - self.backend.position
+        needed = room if answer.max_tokens is None else min(room, answer.max_tokens - wanted)
+        if needed <= 0:
             return None
-        return self.backend.decode(pick.token)
+        if self.chain_length is None:
+            return answer.sampler.pick(self.backend.decode(pick.last))
+        # two chain lengths a setup (two graphs), and no steps wasted at the answer's end
+        count = self.chain_length if needed >= self.chain_length else 1
+        return Pick(self.backend.decode_chain(pick.last, answer.sampler.chooser(count), count))
 
     def _prefill(self, answer: _Answer) -> torch.Tensor:
         """Rewind to the longest cached prefix of the prompt and prefill the rest (at least one token)."""

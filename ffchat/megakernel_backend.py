@@ -19,6 +19,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from ffchat.backend import Chooser
 from ffchat.errors import FfchatError
 from ffchat.kernels.decode_attention import make_workspace
 from ffchat.kernels.int4_gemv import GemvConfig, pick_config, sm_count
@@ -167,6 +168,10 @@ class MegakernelBackend(TritonBackend):
     def decode(self, token: int | Tensor) -> Tensor:
         self._raise_on_error()
         return super().decode(token)
+
+    def decode_chain(self, token: Tensor, chooser: Chooser, count: int) -> Tensor:
+        self._raise_on_error()
+        return super().decode_chain(token, chooser, count)
 
     def trace_step(self, token: int) -> list[StageTime]:
         """Decode ``token`` at the current position once more outside the graph, stamping every schedule entry

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from ffchat.backend import check_prompt_fits, check_rewind, check_room_for_token
+from ffchat.backend import check_prompt_fits, check_rewind, check_room_for_tokens
 from ffchat.model import Transformer
 
 
@@ -30,7 +30,7 @@ class ReferenceBackend:
         return self._run(tokens)
 
     def decode(self, token: int | torch.Tensor) -> torch.Tensor:
-        check_room_for_token(self)
+        check_room_for_tokens(self)
         return self._run(token.view(1) if isinstance(token, torch.Tensor) else [token])
 
     def rewind(self, position: int) -> None:

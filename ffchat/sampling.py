@@ -15,6 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from ffchat.backend import CHAIN_LENGTH
 from ffchat.errors import FfchatError
 
 # generation_config.json key -> SamplingParams field, for the keys a model may set.
@@ -261,26 +262,31 @@ def _min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 
 class Pick:
-    """A token chosen on the device and on its way to the host; ``value()`` waits for that copy alone.
+    """Tokens chosen on the device and on their way to the host; ``values()`` waits for that copy alone.
 
-    The step that reads the token can be queued before the host has it (``Generator``). ``token``
-    may be a captured graph's output, valid until the next pick of the same sampler is queued.
+    The step that reads the last of them can be queued before the host has them (``Generator``).
+    ``tokens`` may be a captured graph's output, valid until the next pick of the same sampler is queued.
     """
 
-    def __init__(self, token: torch.Tensor):
-        self.token = token  # int64 [1] on the logits' device
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens  # int64 [n] on the logits' device, in the order they were chosen
         self._ready = None
-        self._host = token
-        if token.device.type == "cuda":
-            self._host = torch.empty(1, dtype=torch.long, pin_memory=True)
-            self._host.copy_(token, non_blocking=True)
+        self._host = tokens
+        if tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=torch.long, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
 
-    def value(self) -> int:
+    @property
+    def last(self) -> torch.Tensor:
+        """The last token [1], still on the device: what the next step reads."""
+        return self.tokens[-1:]
+
+    def values(self) -> list[int]:
         if self._ready is not None:
             self._ready.synchronize()
-        return int(self._host[0])
+        return self._host.tolist()
 
 
 class Choice:
@@ -291,7 +297,8 @@ class Choice:
     ``ffchat.kernels.sampling``, whose references are the torch ops used elsewhere; either way the
     launches are captured as one graph at the second use and replayed after, so the host queues a
     token in a few launches and stays ahead of the GPU. A Choice serves every answer with the same
-    settings (``Choices``): only the first answer pays the capture.
+    settings (``Choices``): only the first answer pays the capture. A backend that chains decode steps
+    captures ``choose`` into its own graph instead (``ffchat.backend.ChainingBackend``).
     """
 
     def __init__(self, params: SamplingParams, vocab: int, capacity: int, device: torch.device):
@@ -299,45 +306,54 @@ class Choice:
         self.recent = RecentTokens(params.repeat_last_n if params.repeat_penalty != 1.0 else 0, vocab, capacity,
                                    device)
         self.logits = torch.empty(vocab, dtype=torch.float32, device=device)  # the graph's fixed input
-        self.uniform = torch.zeros(1, dtype=torch.float32, device=device)
+        # one uniform number per token of a chain, drawn by the host's generator before the chain is queued
+        self.uniforms = torch.zeros(CHAIN_LENGTH, dtype=torch.float32, device=device)
         self.token: torch.Tensor | None = None  # its output
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def __call__(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The token [1] for ``logits``; ``generator`` draws the uniform number of a sampled (not greedy) pick."""
         self.logits.copy_(logits)
-        if generator is not None:
-            self.uniform.uniform_(generator=generator)
+        self.draw_uniforms(generator, 1)
         if self.graph is not None:
             self.graph.replay()
         elif self.token is not None and logits.device.type == "cuda":  # it ran once eagerly: capture it
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
-                token = self._choose()
+                token = self.choose(self.logits)
             self.graph, self.token = graph, token  # only once captured whole (Ctrl+C may cut a capture short)
             self.graph.replay()
         else:
-            self.token = self._choose()
+            self.token = self.choose(self.logits)
         return self.token
 
-    def _choose(self) -> torch.Tensor:
-        params, on_gpu = self.params, self.logits.device.type == "cuda"
+    def draw_uniforms(self, generator: torch.Generator | None, count: int) -> None:
+        """The uniform numbers of the next ``count`` picks, one draw each: a seed gives the same stream however
+        the picks are grouped into chains. Nothing to draw for a greedy pick (``generator`` None)."""
+        if generator is not None:
+            for slot in range(count):
+                self.uniforms[slot:slot + 1].uniform_(generator=generator)
+
+    def choose(self, logits: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """The token [1] for ``logits`` [vocab] fp32, which it may edit in place, drawn with uniform number
+        ``slot``; fixed shapes and no host sync, so it can be captured in a CUDA graph."""
+        params, on_gpu = self.params, logits.device.type == "cuda"
+        uniform = self.uniforms[slot:slot + 1]
         if on_gpu:  # the kernels: a few launches where the torch ops below take some thirty
             from ffchat.kernels.sampling import MOST_TOP_K, penalize_recent, sample_top_k
             if params.repeat_penalty != 1.0:
-                penalize_recent(self.logits, self.recent.ids, params.repeat_penalty)  # self.logits is our copy
-            if not params.greedy and 0 < params.top_k <= MOST_TOP_K and params.top_k < self.logits.numel():
+                penalize_recent(logits, self.recent.ids, params.repeat_penalty)
+            if not params.greedy and 0 < params.top_k <= MOST_TOP_K and params.top_k < logits.numel():
                 ring = self.recent.ids if self.recent.size else None
-                return sample_top_k(self.logits, self.uniform, top_k=params.top_k, temperature=params.temperature,
+                return sample_top_k(logits, uniform, top_k=params.top_k, temperature=params.temperature,
                                     top_p=params.top_p, min_p=params.min_p, ring=ring, count=self.recent.count)
-            logits = self.logits
         else:
-            logits = apply_repetition_penalty(self.logits, self.recent.ids, params.repeat_penalty)
+            logits = apply_repetition_penalty(logits, self.recent.ids, params.repeat_penalty)
         if params.greedy:
             token = torch.argmax(logits).view(1)
         else:
             values, ids = candidates(logits, params)
-            token = ids[draw(values, self.uniform)]
+            token = ids[draw(values, uniform)]
         self.recent.append(token)
         return token
 
@@ -380,7 +396,21 @@ class Sampler:
         if self._choice is None:
             self._choice = self._choices.get(self.params, logits.shape[-1], self._capacity, logits.device)
             self._choice.recent.reset(self._previous)
-        return Pick(self._choice(logits, None if self.params.greedy else self._rng(logits.device)))
+        return Pick(self._choice(logits, self._draws(logits.device)))
+
+    def chooser(self, count: int) -> Choice:
+        """The device work that picks the next ``count`` tokens inside a backend's chain of decode steps
+        (``Backend.decode_chain``), their uniform numbers drawn; after a first ``pick``, which sets it up."""
+        if self._choice is None:
+            raise RuntimeError("the first token of an answer is picked from the prompt's logits")
+        if not 1 <= count <= CHAIN_LENGTH:
+            raise ValueError(f"a chain picks 1 to {CHAIN_LENGTH} tokens, not {count}")
+        self._choice.draw_uniforms(self._draws(self._choice.logits.device), count)
+        return self._choice
+
+    def _draws(self, device: torch.device) -> torch.Generator | None:
+        """What draws the uniform numbers: none for greedy picks."""
+        return None if self.params.greedy else self._rng(device)
 
     def _rng(self, device: torch.device) -> torch.Generator:
         """One generator per answer, on the logits' device, seeded once."""

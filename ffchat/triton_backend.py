@@ -6,9 +6,12 @@ sequence), attention reduce, O GEMV+residual, norm+gate/up GEMV+SiLU*up, down
 GEMV+residual; then final norm+LM head. Every launch reads the token and the
 cache length from one device tensor, so the step is captured once as a CUDA
 graph and replayed for every token, with nothing from the host but two integers,
-copied from pinned memory without blocking the host. A prompt is prefilled in
-chunks: each INT4 weight is dequantized into one reusable scratch buffer and
-multiplied with torch (cuBLAS), attention by torch SDPA over the cache.
+copied from pinned memory without blocking the host. The generation loop
+chains steps instead (``decode_chain``): several steps and the picks between
+them in one graph, each pick written where the next step reads its token.
+A prompt is prefilled in chunks: each INT4 weight is dequantized into one
+reusable scratch buffer and multiplied with torch (cuBLAS), attention by torch
+SDPA over the cache.
 
 ``int8_activations`` (backend name ``triton-w4a8``) is an opt-in, lossy mode: the
 norm+gate/up and final norm+LM head GEMVs become a small launch that normalizes
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ffchat.backend import check_prompt_fits, check_rewind, check_room_for_token
+from ffchat.backend import Chooser, check_prompt_fits, check_rewind, check_room_for_tokens
 from ffchat.config import ModelConfig
 from ffchat.errors import FfchatError
 from ffchat.kernels.decode_attention import decode_attention, make_workspace
@@ -52,6 +55,9 @@ EARLY_RELEASE_ROLES = frozenset({"o"})
 W4A16, DP2A, LANES = "w4a16", "dp2a", "lanes"
 GEMV_KERNELS = {W4A16: int4_gemv, DP2A: int4_gemv_dp2a, LANES: int4_gemv_lanes}
 
+# Captured chains of decode steps kept (``TritonBackend.decode_chain``): the generator chains a full and a
+# single-token length for each of the sampling setups ``ffchat.sampling.Choices`` keeps.
+MOST_CHAINS = 8
 # Tokens per prefill pass: bounds the activations and the attention mask of a long prompt.
 PREFILL_CHUNK = 1024
 ACTIVATION_DTYPES = (torch.float16, torch.bfloat16)
@@ -151,6 +157,8 @@ class TritonBackend:
         self.scratch = torch.empty(largest, dtype=dtype, device=self.device)  # prefill's dequantized weight
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captures = 0
+        # (chooser, count) -> a captured chain of steps and its picks' buffer (``decode_chain``)
+        self.chains: dict[tuple[Chooser, int], tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         # What `ffchat tune` measured for this shape on this GPU: the GEMV tiles and kernels by role, else the
         # profile's W4A16 tables.
         self.cached_tuning = load_tuning(GpuIdentity.of(self.device), config, weights.group_size) \
@@ -170,6 +178,7 @@ class TritonBackend:
         self.tuning, self.role_kernels = tuning, dict(role_kernels)
         self.early_release_roles = frozenset(early_release_roles)
         self.graph = None  # captured with the old ones
+        self.chains.clear()
 
     def _dense(self, weights: BenchWeights, name: str) -> Tensor:
         return weights.dense[name].to(device=self.device, dtype=self.dtype)
@@ -221,6 +230,42 @@ class TritonBackend:
         self.position += 1
         return self.logits.clone()  # samplers may edit logits in place; the graph owns self.logits
 
+    def decode_chain(self, token: Tensor, chooser: Chooser, count: int) -> Tensor:
+        """``count`` steps, each feeding the token ``chooser`` picks to the next on the device (see
+        ``ffchat.backend.ChainingBackend``): one graph replay, captured at the first use of each (chooser, count)
+        after a run that compiles what it needs and computes these picks."""
+        check_room_for_tokens(self, count)
+        self._set_step(token)
+        key = (chooser, count)
+        if key in self.chains:
+            graph, picks = self.chains[key]
+            graph.replay()
+        else:
+            picks = torch.empty(count, dtype=torch.long, device=self.device)
+            self._chain(chooser, picks)
+            if self.use_graph:
+                self._capture_chain(key)
+        self.position += count
+        return picks
+
+    def _chain(self, chooser: Chooser, picks: Tensor) -> None:
+        for slot in range(picks.numel()):
+            self._decode_step()
+            token = chooser.choose(self.logits, slot)
+            self.step_ids[0:1].copy_(token)
+            self.step_ids[1:2].add_(1)
+            picks[slot:slot + 1].copy_(token)
+
+    def _capture_chain(self, key: tuple[Chooser, int]) -> None:
+        """Capture the chain of ``key``; the oldest chain goes once more than ``MOST_CHAINS`` are kept."""
+        picks = torch.empty(key[1], dtype=torch.long, device=self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._chain(key[0], picks)
+        self.chains[key] = graph, picks
+        while len(self.chains) > MOST_CHAINS:
+            del self.chains[next(iter(self.chains))]
+
     def warm_up(self) -> None:
         """Compile and capture the decode step now, so the first answer's tokens do not wait for it (seconds
         where Triton must compile, tens of ms otherwise; once). The step it runs decodes token 0 into the next
@@ -236,7 +281,7 @@ class TritonBackend:
         From pinned memory without blocking: the host queues the replay while the GPU still runs the last step
         (torch keeps the pinned block until the copy has run). A token on the device is copied there.
         """
-        check_room_for_token(self)
+        check_room_for_tokens(self)
         on_device = isinstance(token, Tensor)
         ids = torch.tensor([0 if on_device else token, self.position + 1], dtype=torch.int32,
                            pin_memory=self.device.type == "cuda")

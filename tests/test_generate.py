@@ -14,6 +14,7 @@ import pytest
 import torch
 from factory import build_tokenizer
 
+from ffchat.backend import CHAIN_LENGTH
 from ffchat.errors import FfchatError
 from ffchat.generate import Generator
 from ffchat.sampling import SamplingParams
@@ -27,6 +28,7 @@ class ScriptedBackend:
     """After each prefill, greedy decoding yields ``answer`` token by token, then ``filler`` forever."""
 
     name = "scripted"
+    steps_a_call = 1  # the generator queues one decode step a call
     config = None
     device = torch.device("cpu")
     prefill_s, decode_s = 0.5, 0.1  # what each call costs on the simulated clock
@@ -80,6 +82,19 @@ class ScriptedBackend:
         return logits
 
 
+class ChainingScriptedBackend(ScriptedBackend):
+    """The scripted answer through ``decode_chain``: the generator asks for several steps a call."""
+
+    steps_a_call = CHAIN_LENGTH
+
+    def decode_chain(self, token, chooser, count):
+        picks = []
+        for slot in range(count):
+            token = chooser.choose(self.decode(token), slot)
+            picks.append(token)
+        return torch.cat(picks)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> Tokenizer:
     """The factory's tokenizer, with a second end-of-sequence id as models like Qwen declare."""
@@ -90,17 +105,41 @@ def tokenizer(tmp_path_factory) -> Tokenizer:
     return Tokenizer.from_dir(directory)
 
 
-@pytest.fixture
-def make(tokenizer):
+def builder(tokenizer, backend_class):
     """A generator over a scripted backend answering ``text`` (then ``end`` ids, then filler)."""
 
     def build(text=TEXT, end=("<|im_end|>",), **backend_options):
         answer = tokenizer.encode(text) + [tokenizer.encode(token)[0] for token in end]
         filler = tokenizer.encode(" the")[0]
-        backend = ScriptedBackend(answer, filler=filler, vocab_size=tokenizer.vocab_size, **backend_options)
+        backend = backend_class(answer, filler=filler, vocab_size=tokenizer.vocab_size, **backend_options)
         return Generator(backend, tokenizer), backend
 
     return build
+
+
+@pytest.fixture(params=[ScriptedBackend, ChainingScriptedBackend], ids=["steps", "chains"])
+def make(tokenizer, request):
+    """``builder``, with and without chained steps."""
+    return builder(tokenizer, request.param)
+
+
+@pytest.fixture
+def make_steps(tokenizer):
+    """``builder`` with one step a call: the stand-in runs its steps at once, so only then is each token's
+    time its own step's."""
+    return builder(tokenizer, ScriptedBackend)
+
+
+def steps_queued(backend, picks: int) -> int:
+    """Decode steps queued once the host has read the ``picks``-th token (the prompt's pick the first): every
+    call's picks are read after the next call is queued."""
+    calls = -(-(picks - 1) // backend.steps_a_call) + 1
+    return calls * backend.steps_a_call
+
+
+def shown_before_interrupt(backend) -> int:
+    """Tokens shown when the third call's first step is interrupted: the prompt's pick, then the first call's."""
+    return 1 + backend.steps_a_call
 
 
 def run(generator, prompt, stop=(), **params):
@@ -125,8 +164,8 @@ def test_eos_stops_and_is_not_printed(make, tokenizer, eos):
     assert completion.finish_reason == "stop"
     assert completion.completion_tokens == len(tokenizer.encode("Hello there!"))
     assert completion.prompt_tokens == len(prompt)
-    # the eos came from the last decode's logits; the step queued for it before the host saw it is forgotten
-    assert backend.decodes == completion.completion_tokens + 1
+    # the eos came from the last decode's logits; the steps queued for it before the host saw it are forgotten
+    assert backend.decodes == steps_queued(backend, completion.completion_tokens + 1)
     assert backend.tokens == generator.cached == prompt + tokenizer.encode("Hello there!")
 
 
@@ -137,10 +176,36 @@ def test_stop_string_spanning_tokens_cuts_exactly(make, tokenizer):
     assert completion.text == "The capital of "
     assert completion.finish_reason == "stop"
     assert not any("Fr" in piece for piece in pieces)
-    # ' is' completed the stop string: the step queued for it ran, and the cache forgot it
+    # ' is' completed the stop string: the steps queued for it ran, and the cache forgot them
     assert completion.completion_tokens == len(tokenizer.encode("The capital of France is"))
-    assert backend.decodes == completion.completion_tokens
+    assert backend.decodes == steps_queued(backend, completion.completion_tokens)
     assert backend.position == len(generator.cached) == len(prompt) + completion.completion_tokens - 1
+
+
+@pytest.mark.parametrize("chain_length", [None, 1, 3, CHAIN_LENGTH])
+def test_a_chaining_backend_decodes_the_chain_length_a_call(tokenizer, chain_length):
+    """None queues one step a call through ``decode``; a chain's length is its steps a call, down to single
+    steps where fewer tokens are wanted (``max_tokens``), so no step is wasted at the answer's end."""
+    generator, backend = builder(tokenizer, ChainingScriptedBackend)()
+    generator = Generator(backend, tokenizer, chain_length=chain_length)
+    chains = []
+    backend.decode_chain = lambda token, chooser, count: chains.append(count) or \
+        ChainingScriptedBackend.decode_chain(backend, token, chooser, count)
+    prompt = tokenizer.encode("Q:")
+    _, completion = run(generator, prompt, max_tokens=12)
+    assert (completion.finish_reason, completion.completion_tokens) == ("length", 12)
+    assert backend.decodes == 11 and generator.cached == backend.tokens == prompt + tokenizer.encode(TEXT)[:11]
+    if chain_length is None:
+        assert chains == []
+    else:
+        assert chains == [chain_length] * (11 // chain_length) + [1] * (11 % chain_length)
+
+
+@pytest.mark.parametrize("chain_length", [0, CHAIN_LENGTH + 1])
+def test_a_chain_longer_than_the_samplers_draws_is_refused(make_steps, chain_length):
+    generator, backend = make_steps()
+    with pytest.raises(ValueError, match="chain_length"):
+        Generator(backend, generator.tokenizer, chain_length=chain_length)
 
 
 def test_false_start_is_held_back_then_released(make, tokenizer):
@@ -256,28 +321,33 @@ def test_cache_reset_by_someone_else_is_noticed(make, tokenizer):
 
 
 def test_interrupt_ends_the_answer_cleanly(make, tokenizer):
-    generator, backend = make(interrupt_at_decode=3)  # queuing the third token's step, before it is shown
+    generator, backend = make()
+    backend.interrupt_at_decode = 2 * backend.steps_a_call + 1  # queuing the third call, before its tokens show
+    shown = shown_before_interrupt(backend)
     prompt = tokenizer.encode("Q:")
     pieces, completion = run(generator, prompt)
     answer = tokenizer.encode(TEXT)
     assert completion.finish_reason == "interrupted"
-    assert completion.text == tokenizer.decode(answer[:2])
-    assert completion.completion_tokens == 2
-    # the interrupted decode of the third token is not trusted: cache and bookkeeping agree
-    assert backend.position == len(generator.cached) == len(prompt) + 2
-    assert generator.cached == backend.tokens == prompt + answer[:2]
+    assert completion.text == tokenizer.decode(answer[:shown])
+    assert completion.completion_tokens == shown
+    # the interrupted decode is not trusted, nor any step after the tokens shown: cache and bookkeeping agree
+    assert backend.position == len(generator.cached) == len(prompt) + shown
+    assert generator.cached == backend.tokens == prompt + answer[:shown]
 
     backend.interrupt_at_decode = None
     backend.calls.clear()
-    _, after = run(generator, prompt + answer[:3])
-    assert backend.calls[:2] == [("rewind", len(prompt) + 2), ("prefill", answer[2:3])]
+    _, after = run(generator, prompt + answer[:shown + 1])
+    assert backend.calls[:2] == [("rewind", len(prompt) + shown), ("prefill", answer[shown:shown + 1])]
     assert after.finish_reason == "stop"
 
 
 def test_interrupt_shows_text_held_back_for_a_stop_string(make, tokenizer):
-    generator, _ = make(interrupt_at_decode=3)  # "The", " capital" shown, interrupted queuing the third
-    _, completion = run(generator, tokenizer.encode("Q:"), stop=["capital city"])
-    assert (completion.finish_reason, completion.text) == ("interrupted", "The capital")
+    generator, backend = make()
+    backend.interrupt_at_decode = 2 * backend.steps_a_call + 1
+    shown = tokenizer.encode(TEXT)[:shown_before_interrupt(backend)]
+    stop = tokenizer.decode(shown[-1:]).strip() + " city"  # the last token shown could begin it: held back
+    _, completion = run(generator, tokenizer.encode("Q:"), stop=[stop])
+    assert (completion.finish_reason, completion.text) == ("interrupted", tokenizer.decode(shown))
 
 
 def test_closing_the_stream_records_an_interrupted_answer(make, tokenizer):
@@ -321,8 +391,8 @@ def test_completion_to_dict_is_json(make, tokenizer):
     assert data["ttft_s"] > 0 and data["prefill_tokens_per_s"] > 0 and data["decode_tokens_per_s"] > 0
 
 
-def test_timings_follow_the_clock(make, tokenizer, monkeypatch):
-    generator, backend = make("Paris.")
+def test_timings_follow_the_clock(make_steps, tokenizer, monkeypatch):
+    generator, backend = make_steps("Paris.")
     monkeypatch.setattr("ffchat.generate.time", SimpleNamespace(perf_counter=lambda: backend.clock))
     prompt = tokenizer.encode("Hello there! How are you today?")
     _, completion = run(generator, prompt)

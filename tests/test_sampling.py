@@ -169,13 +169,13 @@ def test_greedy_is_argmax():
     sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=1.0))
     for seed in range(5):
         logits = random_logits(1000, seed)
-        assert sampler.pick(logits).value() == int(logits.argmax())
+        assert sampler.pick(logits).values()[0] == int(logits.argmax())
 
 
 def test_greedy_applies_the_repetition_penalty_first():
     logits = torch.tensor([0.0, 3.0, 2.5, 1.0])
-    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.0), [1]).pick(logits).value() == 1
-    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.5), [1]).pick(logits).value() == 2
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.0), [1]).pick(logits).values()[0] == 1
+    assert Sampler(SamplingParams(temperature=0, repeat_penalty=1.5), [1]).pick(logits).values()[0] == 2
 
 
 # On CUDA the second pick captures the choice as a graph and later ones replay it: both paths are tested.
@@ -188,7 +188,7 @@ def test_a_picked_token_is_penalized_at_the_next_pick(device):
     """The device records its own picks: the second greedy pick avoids the first without the host telling it."""
     sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=100.0, repeat_last_n=64))
     logits = torch.tensor([0.2, 3.0, 2.5, 1.0, 0.5], device=device)
-    assert [sampler.pick(logits).value() for _ in range(5)] == [1, 2, 3, 4, 0]
+    assert [sampler.pick(logits).values()[0] for _ in range(5)] == [1, 2, 3, 4, 0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -201,7 +201,7 @@ def test_a_later_answer_reuses_the_choice_and_starts_from_its_own_prompt(device)
 
     def answer(prompt, choices=None):
         sampler = Sampler(params, prompt, capacity=64, choices=choices)
-        return [sampler.pick(logits).value() for _ in range(12)]
+        return [sampler.pick(logits).values()[0] for _ in range(12)]
 
     answer([int(logits.argmax())] * 4, shared)
     top = logits.topk(3).indices.tolist()
@@ -222,7 +222,7 @@ def test_choices_keep_the_most_recent_setups():
 def draws(params: SamplingParams, logits: torch.Tensor, count: int) -> list[int]:
     """``count`` picks from the same logits, the repetition penalty off so every draw sees them unchanged."""
     sampler = Sampler(replace(params, repeat_penalty=1.0))
-    return [sampler.pick(logits).value() for _ in range(count)]
+    return [sampler.pick(logits).values()[0] for _ in range(count)]
 
 
 def test_same_seed_same_tokens_other_seed_other_tokens():
@@ -364,5 +364,5 @@ def test_sampling_stays_on_the_gpu():
     expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([previous[-64:]]).cuda(), logits[None].clone())[0]
     assert torch.equal(penalized(logits, previous, params), expected)
     assert draws(params, logits, 30) == draws(params, logits, 30)
-    assert Sampler(SamplingParams(temperature=0)).pick(logits).value() == int(logits.argmax())
+    assert Sampler(SamplingParams(temperature=0)).pick(logits).values()[0] == int(logits.argmax())
     assert torch.equal(candidate_filter(logits, params), filtered)

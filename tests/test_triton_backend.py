@@ -16,6 +16,7 @@ from ffchat.errors import FfchatError
 from ffchat.model import Transformer, rms_norm
 from ffchat.quantize.layout import choose_group_size
 from ffchat.reference_backend import ReferenceBackend
+from ffchat.sampling import Pick, Sampler, SamplingParams
 from ffchat.shapes import random_weights
 from ffchat.triton_backend import TritonBackend, prompt_rms_norm, unsupported_reason
 
@@ -113,6 +114,43 @@ def test_warming_up_changes_no_answer(monkeypatch):
     assert warmed_at == [0, 4] and warm.position == 4
     for token in (23, 42):
         assert torch.equal(warm.decode(token), cold.decode(token))
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0, repeat_penalty=1.0),
+                                    dict(temperature=0.9, top_k=20, repeat_penalty=1.3, seed=4)])
+def test_a_chain_of_steps_picks_and_caches_what_single_steps_do(params):
+    """``decode_chain`` feeds each pick to the next step on the device: the tokens, the cache and the picks'
+    recent-token ring are those of one decode and one pick at a time (seeded: the same uniform numbers)."""
+    weights = random_weights(tiny_config("llama"), label="llama", int4=True, seed=6, group_size=32, device="cpu")
+    single, chained = (TritonBackend(weights, CONTEXT, dtype=torch.float16) for _ in range(2))
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    samplers = [Sampler(SamplingParams(**params), prompt, capacity=CONTEXT) for _ in range(2)]
+    pick = samplers[0].pick(single.prefill(prompt))
+    want = []
+    for _ in range(7):
+        pick = samplers[0].pick(single.decode(pick.last))
+        want += pick.values()
+    pick = samplers[1].pick(chained.prefill(prompt))
+    got = []
+    for count in (4, 1, 2):
+        pick = Pick(chained.decode_chain(pick.last, samplers[1].chooser(count), count))
+        got += pick.values()
+    assert got == want
+    assert chained.position == single.position == len(prompt) + 7
+    assert torch.equal(chained.k_cache, single.k_cache) and torch.equal(chained.v_cache, single.v_cache)
+    assert torch.equal(samplers[1]._choice.recent.ids, samplers[0]._choice.recent.ids)
+
+
+def test_a_chain_that_does_not_fit_is_refused_and_changes_nothing():
+    _, triton = backends("llama")
+    sampler = Sampler(SamplingParams(temperature=0, repeat_penalty=1.0))
+    pick = sampler.pick(triton.prefill(list(range(CONTEXT - 2))))
+    with pytest.raises(FfchatError, match="3 more tokens do not fit in the 2 left"):
+        triton.decode_chain(pick.last, sampler.chooser(3), 3)
+    assert triton.position == CONTEXT - 2
+    assert len(Pick(triton.decode_chain(pick.last, sampler.chooser(2), 2)).values()) == 2
+    with pytest.raises(FfchatError, match="context is full"):
+        triton.decode_chain(pick.last, sampler.chooser(1), 1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -60,3 +60,16 @@ def test_seeded_sampling_on_the_device_repeats_and_penalizes_its_own_picks():
     # a penalty so strong that no token repeats inside its window: the device saw every pick
     distinct = tokens(temperature=0, repeat_penalty=1e6, repeat_last_n=-1)
     assert len(set(distinct)) == len(distinct) == 96
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_chained_steps_sample_what_one_step_a_call_samples(name):
+    """The chain's captured picks draw the same uniform numbers as single picks: a seed gives one answer."""
+    weights = random_weights(shape_config("llama-3.2-1b"), label="1b", int4=True, seed=0)
+    backend = BACKENDS[name](weights, 512)
+    prompt = list(range(300, 340))
+    params = SamplingParams(seed=11, max_tokens=45)  # Ollama's defaults: top-k, top-p, repetition penalty
+    chained = answer_tokens(Generator(backend, SilentTokenizer()), prompt, params)
+    backend.rewind(0)
+    assert chained == answer_tokens(Generator(backend, SilentTokenizer(), chain_length=None), prompt, params)
+    assert len(chained) == 44 and backend.chains, "the chains ran captured"
