@@ -19,13 +19,10 @@ import statistics
 from pathlib import Path
 
 import torch
-from rich.console import Console
 
 from ffchat.bench import GENERATE_PROMPT, GENERATE_SAMPLING, SilentTokenizer, time_decode, time_generation
 from ffchat.provenance import git_state
-from ffchat.shapes import random_weights, shape_config
-from ffchat.triton_backend import TritonBackend
-from ffchat.tune import tune_if_untuned
+from step_profile import tuned_triton_backend  # beside this file
 
 
 def main() -> None:
@@ -37,13 +34,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the table here")
     args = parser.parse_args()
 
-    config = shape_config(args.shape)
-    device = torch.device("cuda")
-    tune_if_untuned(args.shape, config, 128, device, Console(stderr=True), megakernel=False)
-    backend = TritonBackend(random_weights(config, label=args.shape, int4=True, device=device),
-                            GENERATE_PROMPT + args.tokens + 8)
-    prompt = torch.randint(0, config.vocab_size, (GENERATE_PROMPT,), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.tolist()
+    backend = tuned_triton_backend(args.shape, GENERATE_PROMPT + args.tokens + 8)
+    prompt = torch.randint(0, backend.config.vocab_size, (GENERATE_PROMPT,),
+                           generator=torch.Generator().manual_seed(0)).tolist()
     variants = {"one step a call": None, **{f"chains of {n}": int(n) for n in args.lengths.split(",")}}
     rates: dict[str, dict[str, list[float]]] = {name: {s: [] for s in GENERATE_SAMPLING} for name in variants}
     for _ in range(args.rounds):

@@ -51,6 +51,15 @@ def critical_path(kernels: list[tuple[float, float]], layers: int, steps: int) -
     return {name: statistics.mean(values) for name, values in spacing.items()}
 
 
+def tuned_triton_backend(shape: str, cache: int) -> TritonBackend:
+    """The Triton backend over seeded random INT4 weights of a benchmark shape with a ``cache``-token KV cache,
+    on this GPU's tuned tiles (tuning first where it has none)."""
+    config = shape_config(shape)
+    device = torch.device("cuda")
+    tune_if_untuned(shape, config, 128, device, Console(stderr=True), megakernel=False)
+    return TritonBackend(random_weights(config, label=shape, int4=True, device=device), cache)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama-3.2-1b")
@@ -60,10 +69,8 @@ def main() -> None:
     parser.add_argument("--json", help="write the table here")
     args = parser.parse_args()
 
-    config = shape_config(args.shape)
-    device = torch.device("cuda")
-    tune_if_untuned(args.shape, config, 128, device, Console(stderr=True), megakernel=False)
-    backend = TritonBackend(random_weights(config, label=args.shape, int4=True, device=device), args.cache)
+    backend = tuned_triton_backend(args.shape, args.cache)
+    config = backend.config
     tokens = torch.randint(0, config.vocab_size, (args.context + args.steps + 5,),
                            generator=torch.Generator().manual_seed(0)).tolist()
     backend.prefill(tokens[:args.context])
