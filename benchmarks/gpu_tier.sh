@@ -4,10 +4,11 @@
 #   1. the Triton backend against the reference engine (correctness first),
 #   2. `ffchat bench` on the three benchmark shapes at the contexts of issue 6's bars, triton vs the
 #      torch-compile baseline (the 8B against the roofline only),
-#   3. every other GPU test (kernels vs their references, the baseline's correctness).
+#   3. every other GPU test (kernels vs their references, the baseline's correctness),
+#   4. `ffchat run`'s loop with chained decode steps against one step a call (benchmarks/chain_ab.py), 1B and 0.5B.
 # Each step has its own time cap so one slow step cannot eat the lease; logs and the
 # bench JSON files go to $OUT (the device tool brings back at most 8 files).
-# Usage: bash benchmarks/gpu_tier.sh [STEPS] with STEPS a subset of "tests bench kernels";
+# Usage: bash benchmarks/gpu_tier.sh [STEPS] with STEPS a subset of "tests bench kernels chains";
 # BUDGET_S (default 540) bounds the whole script, so it ends inside one device call.
 set -uo pipefail
 started=$SECONDS
@@ -16,7 +17,7 @@ budget=${BUDGET_S:-540}
 cap() { local left=$((budget - (SECONDS - started))); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 out=${OUT:-/tmp/ffchat-gpu}
 mkdir -p "$out"
-steps=${1:-tests bench kernels}
+steps=${1:-tests bench kernels chains}
 ln -sfn ../kernels ffchat/kernels
 ln -sfn ../quantize ffchat/quantize
 ln -sfn ../profiles ffchat/profiles
@@ -40,4 +41,10 @@ fi
 if [[ $steps == *kernels* ]]; then
   timeout "$(cap 200)" python3 -m pytest -m gpu tests/gpu -q --ignore tests/gpu/test_triton_backend_gpu.py --ignore tests/gpu/test_run_gpu.py 2>&1 \
     | tee -a "$log"
+fi
+if [[ $steps == *chains* ]]; then
+  for shape in llama-3.2-1b qwen2.5-0.5b; do
+    timeout "$(cap 120)" python3 benchmarks/chain_ab.py --shape "$shape" --json "$out/$shape.chain-ab.json" 2>&1 \
+      | tee -a "$log"
+  done
 fi
