@@ -95,8 +95,8 @@ BACKENDS: dict[str, BackendEntry] = {
     "reference": BackendEntry(_reference, "ffchat.model.Transformer, eager PyTorch, INT4 weights dequantized to bf16"),
     "torch-compile": BackendEntry(_torch_compile, "gpt-fast recipe: static KV cache, torch.compile reduce-overhead "
                                                   "(CUDA graphs), bf16 activations, tinygemm INT4"),
-    "triton": BackendEntry(_triton, "ffchat's fused Triton INT4 kernels, a decode step one CUDA graph (eight a "
-                                    "graph in the generation loop)"),
+    "triton": BackendEntry(_triton, "ffchat's fused Triton INT4 kernels: a decode step is one CUDA graph, and "
+                                    "eight steps are one in the generation loop"),
     "triton-w4a8": BackendEntry(functools.partial(_triton, int8_activations=True),
                                 "the triton backend with int8 activations (dp4a) for gate/up and the LM head: "
                                 "opt-in, lossy"),

@@ -223,9 +223,9 @@ class Generator:
         """Queue the decode of the last picked token and the picks after it, unless none can be needed: the
         answer's last token is picked, or the context is full. A backend that chains steps
         (``ChainingBackend``) decodes ``chain_length`` tokens a call while that many fit and are wanted."""
-        wanted = len(pick.tokens) + answer.generated
+        known = answer.generated + len(pick.tokens)  # the answer's tokens once these are read
         room = self.backend.context_length - self.backend.position
-        needed = room if answer.max_tokens is None else min(room, answer.max_tokens - wanted)
+        needed = room if answer.max_tokens is None else min(room, answer.max_tokens - known)
         if needed <= 0:
             return None
         if self.chain_length is None:

@@ -249,6 +249,7 @@ class TritonBackend:
         return picks
 
     def _chain(self, chooser: Chooser, picks: Tensor) -> None:
+        """One step a pick, each pick written where the next step reads its token: device work only."""
         for slot in range(picks.numel()):
             self._decode_step()
             token = chooser.choose(self.logits, slot)
